@@ -1,0 +1,107 @@
+"""Weighted per-token cross-entropy of a linear head, without materialising all logits.
+
+A looped model reads out every loop step through the full-vocabulary head, so a naive loss holds
+T x tokens x vocab logits (4 x 8K x 49K x 4 bytes = 6.4 GB for one small micro-batch), plus
+their softmax and gradient. The fused path walks over token chunks, and for each chunk forms the
+logits, the cross-entropy, and right away the gradients with respect to the hidden states, the
+head weight and the token weights (the fused linear + cross-entropy technique of Liger-Kernel),
+then drops the chunk. Peak memory grows with the chunk, not with T.
+
+That is possible because the objective is linear in the per-token cross-entropies:
+    loss = sum_i w_i * CE_i
+so d loss / d logits_i = w_i * (softmax_i - onehot(y_i)) is known in the forward pass, given w.
+The caller passes w (for Stage I, the exit probabilities over the number of valid tokens); its
+gradient d loss / d w_i = CE_i flows back to the exit gate through autograd as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    chunk_tokens: int = 1024,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i token_weights_i * CE(hidden_i @ weight.T, labels_i) and the per-token CE (detached).
+
+    hidden [M, H], weight [V, H], labels [M] (IGNORE_INDEX: CE 0), token_weights [M].
+    Under autocast the matmuls run in the autocast dtype; softmax and CE are always fp32.
+    """
+    if not fused:
+        return _naive(hidden, weight, labels, token_weights)
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, token_weights))
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, token_weights, chunk_tokens, compute_dtype, needs_grad)
+
+
+def _naive(hidden, weight, labels, token_weights):
+    """The straightforward formulation: every logit materialised (reference and benchmark baseline)."""
+    logits = F.linear(hidden, weight).float()
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * token_weights).sum(), ce.detach()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, chunk_tokens, compute_dtype, needs_grad):
+        w = weight.to(compute_dtype)
+        num_tokens, vocab = hidden.shape[0], weight.shape[0]
+        chunk_tokens = min(chunk_tokens, num_tokens)
+        device = hidden.device
+        # Two chunk-sized buffers reused by every chunk: a fresh allocation of this size per chunk
+        # would be page-faulted in anew each time (it is far above malloc's mmap threshold).
+        logits_buf = torch.empty(chunk_tokens, vocab, dtype=compute_dtype, device=device)
+        logp_buf = torch.empty(chunk_tokens, vocab, dtype=torch.float32, device=device)
+        ce = torch.empty(num_tokens, dtype=torch.float32, device=device)
+        if needs_grad:
+            grad_hidden = torch.empty(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+            # Low-precision products are formed here, then accumulated into grad_weight in fp32.
+            partial_weight = None if compute_dtype == torch.float32 else torch.empty_like(w)
+        for start in range(0, num_tokens, chunk_tokens):
+            end = min(start + chunk_tokens, num_tokens)
+            rows = torch.arange(end - start, device=device)
+            h = hidden[start:end].to(compute_dtype)
+            y = labels[start:end]
+            valid = y != IGNORE_INDEX
+            y_safe = torch.where(valid, y, 0)
+            logits = torch.mm(h, w.T, out=logits_buf[: end - start])
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[: end - start])
+            ce[start:end] = torch.where(valid, -logp[rows, y_safe], 0.0)
+            if not needs_grad:
+                continue
+            # d(sum_i w_i CE_i)/d logits_i = w_i (softmax_i - onehot_i). The factor w_i is applied
+            # to the [chunk, hidden] operands and results rather than to the [chunk, vocab] matrix.
+            grad_logits = logp.exp_()
+            grad_logits[rows, y_safe] -= 1.0
+            g = grad_logits if compute_dtype == torch.float32 else logits.copy_(grad_logits)
+            scale = (token_weights[start:end].float() * valid).unsqueeze(1)
+            torch.mm(g, w, out=grad_hidden[start:end]).mul_(scale.to(compute_dtype))
+            scaled_h = h * scale.to(compute_dtype)
+            if partial_weight is None:
+                grad_weight.addmm_(g.T, scaled_h)
+            else:
+                grad_weight.add_(torch.mm(g.T, scaled_h, out=partial_weight))
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight, ce)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * token_weights.float()).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        grad_hidden, grad_weight, ce = ctx.saved_tensors
+        grad_h = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_tw = ce * grad_loss if ctx.needs_input_grad[3] else None
+        return grad_h, grad_w, None, grad_tw, None, None, None

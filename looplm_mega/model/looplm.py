@@ -1,0 +1,156 @@
+"""LoopLM: one stack of N decoder layers applied T times with shared weights (Ouro).
+
+    x_0 = embed(input_ids)
+    for t in 1..T:  x_t = norm(layers(x_{t-1}))          # the same layers and norm every loop
+                    lambda_t = sigmoid(gate(x_t))         # per-token exit gate
+                    logits_t = lm_head(x_t)               # read-out of step t
+RoPE cos/sin are the same in every loop. Parameter names are those of the released checkpoints
+(model.embed_tokens, model.layers.{i}..., model.norm, model.early_exit_gate, lm_head), so the
+state dict is the released format as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from looplm_mega.model.attention import AttentionMask, positions_from_segments
+from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.model.exit import exit_log_probs
+from looplm_mega.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from looplm_mega.model.losses import stage1_loss, stage2_loss
+
+
+@dataclass
+class LoopLMOutput:
+    hidden_states: list[torch.Tensor]  # T x [B, S, H]: the normed read-out state of each loop
+    gate_logits: torch.Tensor  # [T, B, S]: z_t, lambda_t = sigmoid(z_t)
+    exit_gates: torch.Tensor  # [T, B, S]: lambda_t
+    exit_probs: torch.Tensor  # [T, B, S]: p(t|x)
+    loss: Optional[torch.Tensor] = None  # the objective (with labels)
+    per_step_loss: Optional[torch.Tensor] = None  # [T] mean CE of each loop (with labels)
+    exit_entropy: Optional[torch.Tensor] = None  # mean H(p) over valid tokens (with labels)
+    mean_exit_step: Optional[torch.Tensor] = None  # mean E[t] over valid tokens (with labels)
+
+
+class LoopLMBackbone(nn.Module):
+    """Everything under the `model.` prefix of the released checkpoints."""
+
+    def __init__(self, config: LoopLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+class LoopLM(nn.Module):
+    def __init__(self, config: LoopLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = LoopLMBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for matrices; the projections that write into the residual
+        stream are scaled by 1/sqrt(2 N) (GPT-2/Megatron) so the stream does not grow with depth."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # Exit gate bias: lambda = 1/T at the start, so every loop gets a share of the exit mass
+        # (a zero bias, lambda = 1/2, puts half of it on loop 1, which then trains fastest and
+        # pulls the distribution further towards exiting early).
+        steps = self.config.total_ut_steps
+        if steps > 1:
+            nn.init.constant_(self.model.early_exit_gate.bias, -math.log(steps - 1))
+
+    def set_rope_theta(self, theta: float) -> None:
+        """Change the RoPE base on a live model (RoPE annealing between curriculum stages)."""
+        self.config.rope_theta = theta
+        self.model.rotary_emb.set_theta(theta)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def _loop(self, x: torch.Tensor, rope, mask: AttentionMask) -> torch.Tensor:
+        """One pass through the shared stack, then the shared final norm."""
+        per_layer = self.config.activation_checkpointing == "layer" and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            # Non-reentrant: reentrant checkpointing computes the shared weights' gradient twice
+            # under ZeRO-2/3.
+            x = checkpoint(layer, x, rope, mask, use_reentrant=False) if per_layer else layer(x, rope, mask)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        num_steps: Optional[int] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        objective: Literal["stage1", "stage2"] = "stage1",
+        beta: Optional[float] = None,
+    ) -> LoopLMOutput:
+        """input_ids [B, S]. labels [B, S] are aligned with the inputs (labels[:, i] is the token
+        that follows position i; -100 is ignored). segment_ids [B, S] (document index of each
+        token, see attention.segment_ids_from_eod) restricts attention to each document and
+        restarts positions per document. num_steps overrides the loop count T for this call."""
+        config = self.config
+        num_steps = num_steps or config.total_ut_steps
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        rope = self.model.rotary_emb(position_ids)
+        mask = AttentionMask(segment_ids)
+
+        # Truncated back-propagation through loops: the first T - k loops run without a graph.
+        first_tracked = 0 if config.truncated_loops is None else max(0, num_steps - config.truncated_loops)
+        grad_enabled = torch.is_grad_enabled()
+        per_loop = config.activation_checkpointing == "loop" and grad_enabled
+        x = self.model.embed_tokens(input_ids)
+        hidden_states = []
+        for step in range(num_steps):
+            with torch.set_grad_enabled(grad_enabled and step >= first_tracked):
+                x = checkpoint(self._loop, x, rope, mask, use_reentrant=False) if per_loop else self._loop(x, rope, mask)
+            hidden_states.append(x)
+
+        # Stage II trains the gate alone: it reads the LM's states without a gradient path back.
+        gate_inputs = [h.detach() for h in hidden_states] if objective == "stage2" else hidden_states
+        gate_logits = torch.stack([self.model.early_exit_gate(h).squeeze(-1) for h in gate_inputs]).float()
+        exit_probs = exit_log_probs(gate_logits).exp()
+        output = LoopLMOutput(hidden_states, gate_logits, torch.sigmoid(gate_logits), exit_probs)
+        if labels is None:
+            return output
+
+        stacked = torch.stack(hidden_states).flatten(1, 2)  # [T, B*S, H]
+        flat_gates, flat_labels = gate_logits.flatten(1), labels.flatten()
+        common = dict(fused=config.fused_cross_entropy, chunk_tokens=config.cross_entropy_chunk_tokens)
+        if objective == "stage1":
+            beta = config.entropy_beta if beta is None else beta
+            result = stage1_loss(stacked, flat_gates, flat_labels, self.lm_head.weight, beta, **common)
+        elif objective == "stage2":
+            result = stage2_loss(stacked, flat_gates, flat_labels, self.lm_head.weight, **common)
+        else:
+            raise ValueError(f"objective={objective!r}: expected 'stage1' or 'stage2'")
+        output.loss, output.per_step_loss = result.loss, result.per_step_loss
+        output.exit_entropy, output.mean_exit_step = result.exit_entropy, result.mean_exit_step
+        return output

@@ -1,0 +1,102 @@
+"""The two Ouro training objectives.
+
+Stage I (LM and gate jointly), per valid token, averaged:
+    L = sum_t p(t|x) CE_t - beta * H(p(.|x))
+Stage II (gate only, LM detached): with I_t = max(0, CE_{t-1} - CE_t),
+    w_t = sigmoid(k (I_t - gamma)),  L_t = -mean_i[w_t log(1 - lambda_t) + (1 - w_t) log lambda_t],
+    L = (1/T) sum_{t=2..T} L_t
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from looplm_mega.model.exit import exit_entropy, exit_log_probs, expected_exit_step
+
+STAGE2_K = 50.0
+STAGE2_GAMMA = 0.005
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # the objective, scalar
+    per_step_loss: torch.Tensor  # [T] mean CE of each loop step over valid tokens (detached)
+    exit_entropy: torch.Tensor  # mean H(p) over valid tokens (detached)
+    mean_exit_step: torch.Tensor  # mean E[t] over valid tokens (detached)
+
+
+def _mean_over_valid(per_token: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens of the last dimension."""
+    return (per_token * valid).sum(dim=-1) / count
+
+
+def stage1_loss(
+    hidden: torch.Tensor,
+    gate_logits: torch.Tensor,
+    labels: torch.Tensor,
+    head_weight: torch.Tensor,
+    beta: float,
+    fused: bool = True,
+    chunk_tokens: int = 1024,
+) -> LossOutput:
+    """hidden [T, N, H] (normed read-out of each step), gate_logits [T, N], labels [N]."""
+    num_steps, num_tokens, _ = hidden.shape
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    log_p = exit_log_probs(gate_logits)
+    p = log_p.exp()
+    token_weights = (p * valid / count).reshape(-1)
+    weighted_ce, ce = linear_cross_entropy(
+        hidden.reshape(num_steps * num_tokens, -1), head_weight, labels.repeat(num_steps),
+        token_weights, chunk_tokens=chunk_tokens, fused=fused,
+    )
+    entropy = _mean_over_valid(exit_entropy(log_p), valid, count)
+    return LossOutput(
+        loss=weighted_ce - beta * entropy,
+        per_step_loss=_mean_over_valid(ce.view(num_steps, num_tokens), valid, count),
+        exit_entropy=entropy.detach(),
+        mean_exit_step=_mean_over_valid(expected_exit_step(log_p.detach()), valid, count),
+    )
+
+
+def stage2_gate_loss(
+    ce: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor,
+    k: float = STAGE2_K, gamma: float = STAGE2_GAMMA,
+) -> torch.Tensor:
+    """ce [T, N] per-token CE of each step (detached from the LM), gate_logits [T, N], labels [N]."""
+    num_steps = ce.shape[0]
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    ce = ce.detach().float()
+    improvement = (ce[:-1] - ce[1:]).clamp(min=0)  # I_t for t = 2..T
+    target_continue = torch.sigmoid(k * (improvement - gamma))
+    z = gate_logits[1:].float()
+    per_token = -(target_continue * F.logsigmoid(-z) + (1 - target_continue) * F.logsigmoid(z))
+    return _mean_over_valid(per_token, valid, count).sum() / num_steps  # (1/T) sum_t L_t
+
+
+def stage2_loss(
+    hidden: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
+    fused: bool = True, chunk_tokens: int = 1024,
+) -> LossOutput:
+    """Stage II from the read-out: the per-step CE is computed without any gradient."""
+    num_steps, num_tokens, _ = hidden.shape
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    with torch.no_grad():
+        _, ce = linear_cross_entropy(
+            hidden.reshape(num_steps * num_tokens, -1), head_weight, labels.repeat(num_steps),
+            torch.zeros(num_steps * num_tokens, device=hidden.device), chunk_tokens=chunk_tokens, fused=fused,
+        )
+    ce = ce.view(num_steps, num_tokens)
+    log_p = exit_log_probs(gate_logits.detach())
+    return LossOutput(
+        loss=stage2_gate_loss(ce, gate_logits, labels),
+        per_step_loss=_mean_over_valid(ce, valid, count),
+        exit_entropy=_mean_over_valid(exit_entropy(log_p), valid, count),
+        mean_exit_step=_mean_over_valid(expected_exit_step(log_p), valid, count),
+    )

@@ -1,0 +1,92 @@
+import math
+
+import torch
+
+from looplm_mega.model.cross_entropy import IGNORE_INDEX
+from looplm_mega.model.losses import stage1_loss, stage2_gate_loss
+
+from tests.helpers import build_model
+
+
+def _problem(seed=0, steps=3, tokens=6, hidden=4, vocab=5):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(steps, tokens, hidden, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64)
+    z = torch.randn(steps, tokens, generator=g, dtype=torch.float64)
+    y = torch.randint(0, vocab, (tokens,), generator=g)
+    y[2] = IGNORE_INDEX
+    return h, w, z, y
+
+
+def _hand_ce(h, w, y):
+    """CE[t][i] with python loops."""
+    steps, tokens, _ = h.shape
+    out = torch.zeros(steps, tokens, dtype=torch.float64)
+    for t in range(steps):
+        for i in range(tokens):
+            if y[i] == IGNORE_INDEX:
+                continue
+            logits = w @ h[t, i]
+            out[t, i] = torch.logsumexp(logits, 0) - logits[y[i]]
+    return out
+
+
+def test_stage1_equals_hand_computation():
+    h, w, z, y = _problem()
+    ce = _hand_ce(h, w, y)
+    lam = torch.sigmoid(z)
+    total, count = 0.0, 0
+    for i in range(h.shape[1]):
+        if y[i] == IGNORE_INDEX:
+            continue
+        survival, probs = 1.0, []
+        for t in range(3):
+            probs.append(lam[t, i] * survival if t < 2 else survival)
+            survival = survival * (1 - lam[t, i])
+        entropy = -sum(p * math.log(p) for p in probs)
+        total += sum(p * ce[t, i] for t, p in enumerate(probs)) - 0.1 * entropy
+        count += 1
+    for fused in (True, False):
+        out = stage1_loss(h.float(), z.float(), y, w.float(), beta=0.1, fused=fused, chunk_tokens=4)
+        torch.testing.assert_close(out.loss, (total / count).float(), rtol=1e-5, atol=1e-6)
+        valid = y != IGNORE_INDEX
+        torch.testing.assert_close(out.per_step_loss, (ce[:, valid].mean(1)).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_stage1_gradients_fused_equal_naive():
+    h, w, z, y = _problem(seed=1, steps=4, tokens=9)
+    results = []
+    for fused in (True, False):
+        hh, ww, zz = (t.float().clone().requires_grad_() for t in (h, w, z))
+        stage1_loss(hh, zz, y, ww, beta=0.05, fused=fused, chunk_tokens=5).loss.backward()
+        results.append((hh.grad, ww.grad, zz.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_stage2_equals_hand_computation():
+    _, _, z, y = _problem(steps=4)
+    g = torch.Generator().manual_seed(3)
+    ce = torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.02 + torch.linspace(2.0, 1.99, 4, dtype=torch.float64).unsqueeze(1)
+    valid = [i for i in range(6) if y[i] != IGNORE_INDEX]
+    total = 0.0
+    for t in range(1, 4):
+        terms = []
+        for i in valid:
+            improvement = max(0.0, float(ce[t - 1, i] - ce[t, i]))
+            w = 1 / (1 + math.exp(-50.0 * (improvement - 0.005)))
+            lam = 1 / (1 + math.exp(-float(z[t, i])))
+            terms.append(-(w * math.log(1 - lam) + (1 - w) * math.log(lam)))
+        total += sum(terms) / len(terms)
+    loss = stage2_gate_loss(ce.float(), z.float(), y)
+    torch.testing.assert_close(loss, torch.tensor(total / 4, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_stage2_trains_only_the_gate():
+    model = build_model()
+    ids = torch.randint(0, 97, (2, 12))
+    out = model(ids, labels=ids, objective="stage2")
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
+    assert out.per_step_loss.shape == (3,)
