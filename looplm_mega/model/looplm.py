@@ -136,8 +136,8 @@ class LoopLM(nn.Module):
         # Stage II trains the gate alone: it reads the LM's states without a gradient path back.
         gate_inputs = [h.detach() for h in hidden_states] if objective == "stage2" else hidden_states
         gate_logits = torch.stack([self.model.early_exit_gate(h).squeeze(-1) for h in gate_inputs]).float()
-        exit_probs = exit_log_probs(gate_logits).exp()
-        output = LoopLMOutput(hidden_states, gate_logits, torch.sigmoid(gate_logits), exit_probs)
+        log_p = exit_log_probs(gate_logits)
+        output = LoopLMOutput(hidden_states, gate_logits, torch.sigmoid(gate_logits), log_p.exp())
         if labels is None:
             return output
 
@@ -146,7 +146,7 @@ class LoopLM(nn.Module):
         common = dict(fused=config.fused_cross_entropy, chunk_tokens=config.cross_entropy_chunk_tokens)
         if objective == "stage1":
             beta = config.entropy_beta if beta is None else beta
-            result = stage1_loss(stacked, flat_gates, flat_labels, self.lm_head.weight, beta, **common)
+            result = stage1_loss(stacked, log_p.flatten(1), flat_labels, self.lm_head.weight, beta, **common)
         elif objective == "stage2":
             result = stage2_loss(stacked, flat_gates, flat_labels, self.lm_head.weight, **common)
         else:

@@ -36,18 +36,18 @@ def _mean_over_valid(per_token: torch.Tensor, valid: torch.Tensor, count: torch.
 
 def stage1_loss(
     hidden: torch.Tensor,
-    gate_logits: torch.Tensor,
+    log_p: torch.Tensor,
     labels: torch.Tensor,
     head_weight: torch.Tensor,
     beta: float,
     fused: bool = True,
     chunk_tokens: int = 1024,
 ) -> LossOutput:
-    """hidden [T, N, H] (normed read-out of each step), gate_logits [T, N], labels [N]."""
+    """hidden [T, N, H] (normed read-out of each step), log_p [T, N] (exit.exit_log_probs of the
+    gate logits), labels [N]."""
     num_steps, num_tokens, _ = hidden.shape
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
-    log_p = exit_log_probs(gate_logits)
     p = log_p.exp()
     token_weights = (p * valid / count).reshape(-1)
     weighted_ce, ce = linear_cross_entropy(

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 
 from looplm_mega.model import LoopLM
 from looplm_mega.model.attention import AttentionMask, segment_ids_from_eod
+from looplm_mega.model.exit import exit_log_probs
+from looplm_mega.model.losses import stage1_loss
 
 from tests.helpers import build_model, grads, tiny_config
 
@@ -143,9 +145,8 @@ def test_truncated_loops_backpropagate_through_the_last_k_only():
             x = model._loop(x, rope, AttentionMask())
             states.append(x)
     states.append(model._loop(x, rope, AttentionMask()))
-    from looplm_mega.model.losses import stage1_loss
     gates = torch.stack([model.model.early_exit_gate(h).squeeze(-1) for h in states]).flatten(1)
-    stage1_loss(torch.stack(states).flatten(1, 2), gates, ids.flatten(), model.lm_head.weight, beta=0.1).loss.backward()
+    stage1_loss(torch.stack(states).flatten(1, 2), exit_log_probs(gates), ids.flatten(), model.lm_head.weight, beta=0.1).loss.backward()
     torch.testing.assert_close(layer_grad, model.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-5, atol=1e-7)
 
 

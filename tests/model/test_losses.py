@@ -3,6 +3,7 @@ import math
 import torch
 
 from looplm_mega.model.cross_entropy import IGNORE_INDEX
+from looplm_mega.model.exit import exit_log_probs
 from looplm_mega.model.losses import stage1_loss, stage2_gate_loss
 
 from tests.helpers import build_model
@@ -47,7 +48,7 @@ def test_stage1_equals_hand_computation():
         total += sum(p * ce[t, i] for t, p in enumerate(probs)) - 0.1 * entropy
         count += 1
     for fused in (True, False):
-        out = stage1_loss(h.float(), z.float(), y, w.float(), beta=0.1, fused=fused, chunk_tokens=4)
+        out = stage1_loss(h.float(), exit_log_probs(z.float()), y, w.float(), beta=0.1, fused=fused, chunk_tokens=4)
         torch.testing.assert_close(out.loss, (total / count).float(), rtol=1e-5, atol=1e-6)
         valid = y != IGNORE_INDEX
         torch.testing.assert_close(out.per_step_loss, (ce[:, valid].mean(1)).float(), rtol=1e-5, atol=1e-6)
@@ -58,7 +59,7 @@ def test_stage1_gradients_fused_equal_naive():
     results = []
     for fused in (True, False):
         hh, ww, zz = (t.float().clone().requires_grad_() for t in (h, w, z))
-        stage1_loss(hh, zz, y, ww, beta=0.05, fused=fused, chunk_tokens=5).loss.backward()
+        stage1_loss(hh, exit_log_probs(zz), y, ww, beta=0.05, fused=fused, chunk_tokens=5).loss.backward()
         results.append((hh.grad, ww.grad, zz.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
