@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from looplm_mega.model.attention import AttentionMask, positions_from_segments
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.model.cross_entropy import linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
 from looplm_mega.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from looplm_mega.model.losses import stage1_loss, stage2_loss
@@ -50,12 +51,29 @@ class LoopLMBackbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
 
+class LMHead(nn.Linear):
+    """The read-out head. Called with hidden states alone it gives logits; with labels and token
+    weights it gives the weighted per-token cross-entropy without materialising the logits
+    (cross_entropy.linear_cross_entropy). The loss runs inside this module's own forward so that
+    ZeRO-3 gathers the head weight for it, in the forward and again in the backward."""
+
+    def __init__(self, config: LoopLMConfig):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.fused = config.fused_cross_entropy
+        self.chunk_tokens = config.cross_entropy_chunk_tokens
+
+    def forward(self, hidden, labels=None, token_weights=None):
+        if labels is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, labels, token_weights, self.chunk_tokens, self.fused)
+
+
 class LoopLM(nn.Module):
     def __init__(self, config: LoopLMConfig):
         super().__init__()
         self.config = config
         self.model = LoopLMBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
@@ -143,12 +161,11 @@ class LoopLM(nn.Module):
 
         stacked = torch.stack(hidden_states).flatten(1, 2)  # [T, B*S, H]
         flat_gates, flat_labels = gate_logits.flatten(1), labels.flatten()
-        common = dict(fused=config.fused_cross_entropy, chunk_tokens=config.cross_entropy_chunk_tokens)
         if objective == "stage1":
             beta = config.entropy_beta if beta is None else beta
-            result = stage1_loss(stacked, log_p.flatten(1), flat_labels, self.lm_head.weight, beta, **common)
+            result = stage1_loss(stacked, log_p.flatten(1), flat_labels, self.lm_head, beta)
         elif objective == "stage2":
-            result = stage2_loss(stacked, flat_gates, flat_labels, self.lm_head.weight, **common)
+            result = stage2_loss(stacked, flat_gates, flat_labels, self.lm_head)
         else:
             raise ValueError(f"objective={objective!r}: expected 'stage1' or 'stage2'")
         output.loss, output.per_step_loss = result.loss, result.per_step_loss

@@ -10,11 +10,16 @@ Stage II (gate only, LM detached): with I_t = max(0, CE_{t-1} - CE_t),
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from looplm_mega.model.cross_entropy import IGNORE_INDEX
+
+# (hidden [M, H], labels [M], token_weights [M]) -> (sum_i w_i CE_i, per-token CE [M] detached):
+# the read-out head's weighted cross-entropy (LMHead.forward, or cross_entropy.linear_cross_entropy).
+WeightedCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 from looplm_mega.model.exit import exit_entropy, exit_log_probs, expected_exit_step
 
 STAGE2_K = 50.0
@@ -38,10 +43,8 @@ def stage1_loss(
     hidden: torch.Tensor,
     log_p: torch.Tensor,
     labels: torch.Tensor,
-    head_weight: torch.Tensor,
+    cross_entropy: WeightedCrossEntropy,
     beta: float,
-    fused: bool = True,
-    chunk_tokens: int = 1024,
 ) -> LossOutput:
     """hidden [T, N, H] (normed read-out of each step), log_p [T, N] (exit.exit_log_probs of the
     gate logits), labels [N]."""
@@ -50,10 +53,7 @@ def stage1_loss(
     count = valid.sum().clamp(min=1)
     p = log_p.exp()
     token_weights = (p * valid / count).reshape(-1)
-    weighted_ce, ce = linear_cross_entropy(
-        hidden.reshape(num_steps * num_tokens, -1), head_weight, labels.repeat(num_steps),
-        token_weights, chunk_tokens=chunk_tokens, fused=fused,
-    )
+    weighted_ce, ce = cross_entropy(hidden.reshape(num_steps * num_tokens, -1), labels.repeat(num_steps), token_weights)
     entropy = _mean_over_valid(exit_entropy(log_p), valid, count)
     return LossOutput(
         loss=weighted_ce - beta * entropy,
@@ -80,18 +80,15 @@ def stage2_gate_loss(
 
 
 def stage2_loss(
-    hidden: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
-    fused: bool = True, chunk_tokens: int = 1024,
+    hidden: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor, cross_entropy: WeightedCrossEntropy,
 ) -> LossOutput:
     """Stage II from the read-out: the per-step CE is computed without any gradient."""
     num_steps, num_tokens, _ = hidden.shape
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     with torch.no_grad():
-        _, ce = linear_cross_entropy(
-            hidden.reshape(num_steps * num_tokens, -1), head_weight, labels.repeat(num_steps),
-            torch.zeros(num_steps * num_tokens, device=hidden.device), chunk_tokens=chunk_tokens, fused=fused,
-        )
+        no_weights = torch.zeros(num_steps * num_tokens, device=hidden.device)
+        _, ce = cross_entropy(hidden.reshape(num_steps * num_tokens, -1), labels.repeat(num_steps), no_weights)
     ce = ce.view(num_steps, num_tokens)
     log_p = exit_log_probs(gate_logits.detach())
     return LossOutput(

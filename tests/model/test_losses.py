@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from looplm_mega.model.cross_entropy import IGNORE_INDEX
+from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
 from looplm_mega.model.losses import stage1_loss, stage2_gate_loss
 
@@ -17,6 +17,11 @@ def _problem(seed=0, steps=3, tokens=6, hidden=4, vocab=5):
     y = torch.randint(0, vocab, (tokens,), generator=g)
     y[2] = IGNORE_INDEX
     return h, w, z, y
+
+
+def _head(weight, fused, chunk_tokens):
+    return lambda hidden, labels, token_weights: linear_cross_entropy(
+        hidden, weight, labels, token_weights, chunk_tokens=chunk_tokens, fused=fused)
 
 
 def _hand_ce(h, w, y):
@@ -48,7 +53,7 @@ def test_stage1_equals_hand_computation():
         total += sum(p * ce[t, i] for t, p in enumerate(probs)) - 0.1 * entropy
         count += 1
     for fused in (True, False):
-        out = stage1_loss(h.float(), exit_log_probs(z.float()), y, w.float(), beta=0.1, fused=fused, chunk_tokens=4)
+        out = stage1_loss(h.float(), exit_log_probs(z.float()), y, _head(w.float(), fused, 4), beta=0.1)
         torch.testing.assert_close(out.loss, (total / count).float(), rtol=1e-5, atol=1e-6)
         valid = y != IGNORE_INDEX
         torch.testing.assert_close(out.per_step_loss, (ce[:, valid].mean(1)).float(), rtol=1e-5, atol=1e-6)
@@ -59,7 +64,7 @@ def test_stage1_gradients_fused_equal_naive():
     results = []
     for fused in (True, False):
         hh, ww, zz = (t.float().clone().requires_grad_() for t in (h, w, z))
-        stage1_loss(hh, exit_log_probs(zz), y, ww, beta=0.05, fused=fused, chunk_tokens=5).loss.backward()
+        stage1_loss(hh, exit_log_probs(zz), y, _head(ww, fused, 5), beta=0.05).loss.backward()
         results.append((hh.grad, ww.grad, zz.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
