@@ -1,0 +1,33 @@
+"""Pretraining entry point, for every launcher:
+
+    deepspeed --num_gpus 8 --module looplm_mega.pretrain --config run.yaml [--section.field value ...]
+    torchrun --nproc_per_node 8 -m looplm_mega.pretrain --config run.yaml
+    srun python -m looplm_mega.pretrain --config run.yaml
+    python -m looplm_mega.pretrain --config run.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from looplm_mega.config import ConfigError
+from looplm_mega.training.config import load_run_config
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain a looped language model (LoopLM / Ouro).")
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_run_config(args.config, overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    from looplm_mega.training.trainer import pretrain  # after the config check: imports DeepSpeed
+
+    pretrain(config)
+
+
+if __name__ == "__main__":
+    main()

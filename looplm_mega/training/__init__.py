@@ -1,0 +1,1 @@
+"""Pretraining: run config, learning-rate schedules, metrics, checkpoints and the DeepSpeed loop."""

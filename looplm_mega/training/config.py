@@ -1,0 +1,192 @@
+"""RunConfig: everything one pretraining run needs, as typed dataclasses loaded from YAML.
+
+    run_dir: runs/tiny
+    model: {preset: tiny, total_ut_steps: 4}        # a preset or YAML file, then field overrides
+    data: {prefixes: [data/stdlib_text_document], seq_length: 256}
+    training: {micro_batch_size: 4, global_batch_size: 16, train_steps: 200, precision: fp32}
+    optimizer: {lr: 1.0e-3}
+    schedule: {kind: cosine, warmup_steps: 20}
+    deepspeed: {zero_stage: 3}
+
+Every field can be overridden from the command line: `--training.train_steps 50 --model.total_ut_steps 2`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from looplm_mega.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
+from looplm_mega.data.config import DataConfig
+from looplm_mega.model.config import LoopLMConfig
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1  # samples per device per forward
+    # The global batch, in samples or in tokens (tokens / seq_length samples): set exactly one.
+    global_batch_size: Optional[int] = None
+    global_batch_tokens: Optional[int] = None
+    # The run's length, in optimizer steps or in tokens: set exactly one.
+    train_steps: Optional[int] = None
+    train_tokens: Optional[int] = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    objective: Literal["stage1", "stage2"] = "stage1"
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: only at the end
+    eval_iters: int = 10
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
+    # Peak FLOP/s of one device for MFU; None: the data-sheet value of known GPUs (model/flops.py).
+    peak_flops_per_device: Optional[float] = None
+
+    def __post_init__(self):
+        if (self.global_batch_size is None) == (self.global_batch_tokens is None):
+            raise ConfigError("training.global_batch_size / training.global_batch_tokens: set exactly one of the two")
+        if (self.train_steps is None) == (self.train_tokens is None):
+            raise ConfigError("training.train_steps / training.train_tokens: set exactly one of the two")
+        for name in ("micro_batch_size", "log_interval", "eval_iters", "keep_last", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name}={getattr(self, name)} must be at least 1")
+        for name in ("global_batch_size", "global_batch_tokens", "train_steps", "train_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"training.{name}={value} must be at least 1")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases and the exit gate
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optimizer.betas={self.betas} must be two numbers in [0, 1)")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.lr={self.lr} / min_lr={self.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["constant", "cosine", "wsd"] = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1]")
+
+
+@dataclass
+class DeepSpeedSection:
+    # None: the stage of config_file, or 0 without one.
+    zero_stage: Optional[Literal[0, 1, 2, 3]] = None
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
+    offload_param: bool = False  # ZeRO-3 parameter offload to CPU
+    config_file: Optional[str] = None  # a DeepSpeed JSON; our keys are laid over it
+    extra: dict = field(default_factory=dict)  # inline DeepSpeed keys, laid over everything
+
+    def __post_init__(self):
+        if self.config_file is not None and not Path(self.config_file).exists():
+            raise ConfigError(f"deepspeed.config_file: {self.config_file} does not exist")
+        stage = self.resolved_zero_stage()
+        if self.offload_param and stage != 3:
+            raise ConfigError(f"deepspeed.offload_param needs ZeRO stage 3, got {stage}")
+        if self.offload_optimizer and stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3")
+
+    def file_config(self) -> dict:
+        if self.config_file is None:
+            return {}
+        try:
+            return json.loads(Path(self.config_file).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config_file: {self.config_file}: not valid JSON: {e}") from None
+
+    def resolved_zero_stage(self) -> int:
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return int(self.file_config().get("zero_optimization", {}).get("stage", 0))
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "looplm-mega"
+    name: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    data: DataConfig
+    run_dir: str = "runs/default"
+    # A preset name or YAML path under `preset`, plus any LoopLMConfig field to override.
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(global_batch_size=1, train_steps=1))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        self.model_config()  # validates the model section
+        if self.training.global_batch_tokens is not None and self.training.global_batch_tokens % self.data.seq_length:
+            raise ConfigError(
+                f"training.global_batch_tokens={self.training.global_batch_tokens} is not a multiple of "
+                f"data.seq_length={self.data.seq_length}")
+        if self.schedule.warmup_steps > self.train_steps:
+            raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds the {self.train_steps} training steps")
+
+    def model_config(self) -> LoopLMConfig:
+        fields = dict(self.model)
+        preset = fields.pop("preset", None)
+        if preset is None:
+            raise ConfigError("model.preset: name a preset (tiny, small, ...) or a model YAML file")
+        try:
+            return LoopLMConfig.load(preset).replace(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"model.{e}") from None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step."""
+        t = self.training
+        return t.global_batch_size if t.global_batch_size is not None else t.global_batch_tokens // self.data.seq_length
+
+    @property
+    def train_steps(self) -> int:
+        t = self.training
+        if t.train_steps is not None:
+            return t.train_steps
+        return -(-t.train_tokens // (self.global_batch_size * self.data.seq_length))
+
+    def gradient_accumulation_steps(self, data_parallel_size: int) -> int:
+        per_step = self.training.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"training: the global batch of {self.global_batch_size} samples is not a multiple of "
+                f"micro_batch_size={self.training.micro_batch_size} x {data_parallel_size} data-parallel ranks; "
+                f"choose a global batch that is a multiple of {per_step}")
+        return self.global_batch_size // per_step
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from YAML with dotted command-line overrides; errors name the file and field."""
+    path = Path(path)
+    base = load_yaml(RunConfig, path)
+    if not overrides:
+        return base
+    try:
+        return from_dict(RunConfig, merge(to_dict(base), parse_overrides(overrides)))
+    except ConfigError as e:
+        raise ConfigError(f"{path} with command-line overrides: {e}") from None

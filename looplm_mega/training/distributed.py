@@ -1,0 +1,63 @@
+"""One process group for every launcher: the deepspeed launcher and torchrun set RANK / WORLD_SIZE
+/ LOCAL_RANK / MASTER_ADDR; srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (the master
+address then comes from the job's first node, exported by the sbatch script); a plain `python -m`
+is a world of one. NCCL on GPUs, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment_from_slurm() -> None:
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed() -> torch.device:
+    """Join (or create) the default process group; returns this process's device."""
+    _environment_from_slurm()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Processes sharing a CPU box split its cores; each taking all of them thrashes.
+        local_world = int(next((os.environ[k] for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+                                if os.environ.get(k, "").isdigit()), "1"))
+        if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    return device
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff `flag` is True on every rank."""
+    value = torch.tensor([0.0 if flag else 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value.item() == 0.0

@@ -1,0 +1,250 @@
+"""The pretraining loop on a DeepSpeed engine (ZeRO 0-3): data -> looped model -> Stage I/II loss
+-> optimizer step, with periodic metrics, validation per loop step, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from looplm_mega.config import merge, to_dict
+from looplm_mega.data.builder import build_datasets
+from looplm_mega.data.gpt_dataset import collate_batch
+from looplm_mega.data.sampler import PretrainingSampler
+from looplm_mega.model import LoopLM, training_flops_per_token
+from looplm_mega.model.flops import device_peak_flops
+from looplm_mega.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from looplm_mega.training.config import RunConfig
+from looplm_mega.training.distributed import all_true, init_distributed, is_main
+from looplm_mega.training.metrics import MetricsLogger
+from looplm_mega.training.schedules import learning_rate
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay for matrices only: not for norms, biases and the exit gate."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "norm" in name or "early_exit_gate" in name
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(config: RunConfig, gradient_accumulation_steps: int, device: torch.device) -> dict:
+    section, opt = config.deepspeed, config.optimizer
+    zero: dict = {"stage": section.resolved_zero_stage()}
+    if section.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if section.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    ours = {
+        "train_micro_batch_size_per_gpu": config.training.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": opt.grad_clip,
+        # torch's AdamW on CPU; DeepSpeed's fused (GPU) or CPU-offload Adam otherwise.
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay,
+            "torch_adam": device.type == "cpu" and not section.offload_optimizer}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.training.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+    }
+    return merge(merge(section.file_config(), ours), section.extra)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.device = init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.data_parallel_size = self.world
+        self.grad_accum = config.gradient_accumulation_steps(self.data_parallel_size)
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.model_config = config.model_config()
+        torch.manual_seed(config.training.seed)
+        model = LoopLM(self.model_config)  # built whole from the seed, then sharded by ZeRO
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=parameter_groups(model, config.optimizer.weight_decay),
+            config=deepspeed_config(config, self.grad_accum, self.device))
+        self.total_steps = config.train_steps
+        self.samples_per_step = config.global_batch_size
+        evaluations = 1 + (self.total_steps // config.training.eval_interval if config.training.eval_interval else 0)
+        eval_samples = evaluations * config.training.eval_iters * config.training.micro_batch_size * self.data_parallel_size
+        # Spare global batches stand in for micro-batches dropped for a non-finite loss.
+        micro_per_batch = self.samples_per_step // (config.training.micro_batch_size * self.data_parallel_size)
+        spare_batches = -(-self.total_steps // 100) + -(-config.training.max_nonfinite_steps // micro_per_batch)
+        train_samples = (self.total_steps + spare_batches) * self.samples_per_step
+        self.train_data, self.valid_data, _ = build_datasets(config.data, {"train": train_samples, "valid": eval_samples})
+        self.state = TrainerState()
+        self.stop_requested = False
+
+    # --- data ---------------------------------------------------------------------------------
+    def _loader(self, dataset, consumed: int, global_batch: int) -> Iterator[dict]:
+        sampler = PretrainingSampler(len(dataset), global_batch, self.config.training.micro_batch_size,
+                                     self.rank, self.data_parallel_size, consumed)
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch))
+
+    def _forward(self, batch: dict):
+        return self.engine(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                           segment_ids=batch["segment_ids"].to(self.device) if "segment_ids" in batch else None,
+                           objective=self.config.training.objective)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def train(self) -> TrainerState:
+        config, training = self.config, self.config.training
+        resumed = load_checkpoint(self.engine, self.checkpoint_dir)
+        if resumed is not None:
+            self.state = resumed
+        logger = MetricsLogger(self.run_dir, self.total_steps, is_main(), config.wandb, to_dict(config), self.state.step)
+        if is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            origin = f"resumed at step {self.state.step}" if resumed else "from scratch"
+            print(f"pretraining {self.model_config.num_hidden_layers} layers x {self.model_config.total_ut_steps} loops, "
+                  f"{sum(p.numel() for p in self.engine.module.parameters()):,} parameters on {self.world} x {self.device.type}, "
+                  f"ZeRO-{self.engine.zero_optimization_stage()}, {self.total_steps} steps of {self.samples_per_step} samples, {origin}", flush=True)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        data = self._loader(self.train_data, self.state.consumed_samples, self.samples_per_step)
+        window = _Window()
+        try:
+            while self.state.step < self.total_steps:
+                self._train_step(data, window)
+                step = self.state.step
+                if step % training.log_interval == 0 or step == self.total_steps:
+                    logger.log(step, window.summary(self))
+                    window = _Window()
+                if training.eval_interval and step % training.eval_interval == 0 and step < self.total_steps:
+                    logger.log(step, self.evaluate(), prefix="valid")
+                save_now = training.save_interval and step % training.save_interval == 0
+                if save_now or step == self.total_steps:
+                    self.save()
+                if not all_true(not self.stop_requested, self.device):
+                    if not save_now and step != self.total_steps:
+                        self.save()
+                    if is_main():
+                        print(f"stop requested (SIGTERM/SIGUSR1): checkpoint written at step {step}, exiting", flush=True)
+                    return self.state
+            logger.log(self.state.step, self.evaluate(), prefix="valid")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            logger.close()
+        return self.state
+
+    def _train_step(self, data: Iterator[dict], window: "_Window") -> None:
+        training = self.config.training
+        lr = learning_rate(self.state.step, self.total_steps, self.config.optimizer, self.config.schedule)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        done, skipped_in_a_row = 0, 0
+        while done < self.grad_accum:
+            batch = next(data, None)
+            if batch is None:
+                raise RuntimeError(f"step {self.state.step}: the training data ran out after {self.state.consumed_samples} "
+                                   f"samples; {self.state.skipped_steps} micro-batches were dropped for non-finite losses")
+            self.state.consumed_samples += training.micro_batch_size * self.data_parallel_size
+            output = self._forward(batch)
+            # A non-finite loss on any rank: this micro-batch is dropped on every rank before its
+            # backward, and the next one takes its place.
+            if not all_true(bool(torch.isfinite(output.loss)), self.device):
+                self.state.skipped_steps += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= training.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"step {self.state.step}: {skipped_in_a_row} micro-batches in a row gave a non-finite loss "
+                        f"(training.max_nonfinite_steps={training.max_nonfinite_steps}); lower optimizer.lr or check the data")
+                continue
+            skipped_in_a_row = 0
+            self.engine.backward(output.loss)
+            done += 1
+            if done == self.grad_accum and self.engine.zero_optimization_stage() == 0:
+                # ZeRO-0 clips without keeping the norm; the gradients are reduced by now.
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                window.grad_norm = float(torch.nn.utils.get_total_norm(grads))
+            self.engine.step()
+            window.add(output, batch)
+        window.seconds += time.perf_counter() - start
+        window.lr = lr
+        if self.engine.zero_optimization_stage() > 0:
+            window.grad_norm = self.engine.get_global_grad_norm()
+        self.state.step += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation CE of every loop step on the validation split (fixed batches every time)."""
+        training = self.config.training
+        self.engine.eval()
+        global_batch = training.micro_batch_size * self.data_parallel_size
+        data = self._loader(self.valid_data, 0, global_batch)
+        total = torch.zeros(self.model_config.total_ut_steps, device=self.device)
+        for _ in range(training.eval_iters):
+            total += self._forward(next(data)).per_step_loss.float()
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        self.engine.train()
+        per_step = (total / (training.eval_iters * self.world)).tolist()
+        return {"loss": per_step[-1], "ce_per_step": per_step}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.engine, self.checkpoint_dir, self.state, to_dict(self.config), self.config.training.keep_last)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+
+class _Window:
+    """Sums over the micro-batches since the last log line."""
+
+    def __init__(self):
+        self.count, self.loss, self.ce, self.entropy, self.exit_step, self.gates = 0, 0.0, None, 0.0, 0.0, None
+        self.tokens, self.seconds, self.lr, self.grad_norm = 0, 0.0, 0.0, None
+
+    def add(self, output, batch: dict) -> None:
+        self.count += 1
+        self.loss += output.loss.item()
+        ce = output.per_step_loss.detach().float().cpu()
+        gates = output.exit_gates.detach().float().mean(dim=(1, 2)).cpu()
+        self.ce = ce if self.ce is None else self.ce + ce
+        self.gates = gates if self.gates is None else self.gates + gates
+        self.entropy += output.exit_entropy.item()
+        self.exit_step += output.mean_exit_step.item()
+        self.tokens += batch["input_ids"].numel()
+
+    def summary(self, trainer: Trainer) -> dict:
+        values = torch.tensor([self.loss, self.entropy, self.exit_step, *self.ce.tolist()], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        values /= self.count * trainer.world
+        tokens_per_s = self.tokens * trainer.world / max(self.seconds, 1e-9)
+        seq = trainer.config.data.seq_length
+        flops_per_device = training_flops_per_token(trainer.model_config, seq) * tokens_per_s / trainer.world
+        metrics = {
+            "loss": values[0].item(), "ce_per_step": values[3:].tolist(), "exit_entropy": values[1].item(),
+            "mean_exit_step": values[2].item(), "gate_mean_per_step": (self.gates / self.count).tolist(),
+            "lr": self.lr, "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12,
+            "skipped": trainer.state.skipped_steps, "consumed_samples": trainer.state.consumed_samples,
+        }
+        peak = trainer.config.training.peak_flops_per_device
+        if peak is None and trainer.device.type == "cuda":
+            peak = device_peak_flops(torch.cuda.get_device_name(), trainer.config.training.precision)
+        if peak:
+            metrics["mfu"] = flops_per_device / peak
+        if trainer.device.type == "cuda":
+            metrics["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            metrics["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return metrics
+
+
+def pretrain(config: RunConfig) -> TrainerState:
+    return Trainer(config).train()

@@ -1,0 +1,175 @@
+"""The DeepSpeed pretraining loop, for real: several gloo processes on this CPU."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from looplm_mega.config import from_dict, load_yaml, save_yaml
+from looplm_mega.data.indexed import IndexedDatasetWriter
+from looplm_mega.model import LoopLM, LoopLMConfig
+from looplm_mega.training.config import RunConfig
+from looplm_mega.training.consolidate import consolidate
+
+from tests.distributed import run_distributed
+
+MODEL = {"preset": "tiny", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+         "num_attention_heads": 4, "num_key_value_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    prefix = tmp_path_factory.mktemp("data") / "tokens"
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(300):
+            writer.add_document(rng.integers(1, 512, rng.integers(20, 200)))
+    return str(prefix)
+
+
+def run_config(dataset: str, run_dir: Path, **sections) -> RunConfig:
+    data = {"run_dir": str(run_dir), "model": MODEL, "wandb": {"mode": "disabled"},
+            "data": {"prefixes": [dataset], "seq_length": 32, "split": "90,10"},
+            "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_steps": 6, "log_interval": 1,
+                         "eval_iters": 2, "save_interval": 3},
+            "optimizer": {"lr": 1e-3}, "schedule": {"kind": "cosine", "warmup_steps": 2}}
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    return from_dict(RunConfig, data)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def _pretrain(config: RunConfig) -> None:
+    from looplm_mega.training.trainer import pretrain
+
+    pretrain(config)
+
+
+def _pretrain_each(configs: list) -> None:
+    for config in configs:
+        _pretrain(config)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("zero3")
+    run_distributed(_pretrain, 2, run_config(dataset, run_dir, deepspeed={"zero_stage": 3}))
+    return run_dir
+
+
+def test_zero3_matches_zero0_on_two_processes(dataset, zero3_run, tmp_path):
+    run_distributed(_pretrain, 2, run_config(dataset, tmp_path, deepspeed={"zero_stage": 0}))
+    zero0, zero3 = train_losses(tmp_path), train_losses(zero3_run)
+    assert sorted(zero0) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([zero3[s] for s in zero0], list(zero0.values()), rtol=1e-5)
+    assert zero0[6] != zero0[1]  # it trained
+    # Both consolidate into the same single-file model, which loads under the released names.
+    models = [consolidate(run / "checkpoints", run / "model") for run in (tmp_path, zero3_run)]
+    states = [load_file(str(m / "model.safetensors")) for m in models]
+    assert states[0].keys() == states[1].keys()
+    for name, tensor in states[0].items():
+        torch.testing.assert_close(states[1][name], tensor, rtol=1e-4, atol=1e-5)
+    model = LoopLM(load_yaml(LoopLMConfig, models[1] / "config.yaml"))
+    model.load_state_dict(states[1])
+
+
+def test_resume_under_zero3_equals_the_uninterrupted_run_bit_for_bit(dataset, zero3_run, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    shutil.copytree(zero3_run / "checkpoints" / "step00000003", checkpoints / "step00000003")
+    (checkpoints / "latest").write_text("step00000003")
+    run_distributed(_pretrain, 2, run_config(dataset, tmp_path, deepspeed={"zero_stage": 3}))
+    resumed, uninterrupted = train_losses(tmp_path), train_losses(zero3_run)
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [uninterrupted[s] for s in (4, 5, 6)]
+    assert (checkpoints / "latest").read_text() == "step00000006"
+
+
+def test_gradient_accumulation_equals_a_larger_micro_batch(dataset, tmp_path):
+    # Without document masking every micro-batch has the same number of labelled tokens, so the
+    # mean of micro-batch means is the mean over the global batch.
+    data = {"reset_attention_mask": False}
+    configs = [run_config(dataset, tmp_path / f"micro{m}", data=data, training={"micro_batch_size": m, "save_interval": 0})
+               for m in (2, 8)]
+    run_distributed(_pretrain_each, 1, configs)
+    accumulated, whole = train_losses(tmp_path / "micro2"), train_losses(tmp_path / "micro8")
+    np.testing.assert_allclose(list(accumulated.values()), list(whole.values()), rtol=1e-5)
+
+
+def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(dataset, tmp_path):
+    config = run_config(dataset, tmp_path / "run", training={"train_steps": 500, "save_interval": 0})
+    path = tmp_path / "run.yaml"
+    save_yaml(config, path)
+    process = subprocess.Popen([sys.executable, "-m", "looplm_mega.pretrain", "--config", str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stop requested" in output
+    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    stopped_at = json.loads((tmp_path / "run" / "checkpoints" / tag / "trainer_state.json").read_text())["state"]["step"]
+    assert 2 <= stopped_at < 500
+    done = subprocess.run([sys.executable, "-m", "looplm_mega.pretrain", "--config", str(path),
+                           "--training.train_steps", str(stopped_at + 1)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed at step {stopped_at}" in done.stdout
+    assert max(train_losses(tmp_path / "run")) == stopped_at + 1
+
+
+def test_config_errors_stop_before_any_work(dataset, tmp_path):
+    path = tmp_path / "run.yaml"
+    save_yaml(run_config(dataset, tmp_path), path)
+    done = subprocess.run([sys.executable, "-m", "looplm_mega.pretrain", "--config", str(path), "--training.precision", "fp16"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "training.precision: 'fp16' is not one of" in done.stderr
+
+
+def _pretrain_with_nan_losses(config: RunConfig, bad_calls: list, expect_error: bool) -> None:
+    """Training forwards whose number is in bad_calls (or all, with -1) return a NaN loss."""
+    from looplm_mega.model.looplm import LoopLM
+
+    original, calls = LoopLM.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_calls or -1 in bad_calls:
+                output.loss = output.loss * float("nan")
+        return output
+
+    LoopLM.forward = forward
+    try:
+        _pretrain(config)
+    except FloatingPointError as e:
+        assert expect_error and "micro-batches in a row gave a non-finite loss" in str(e)
+        return
+    assert not expect_error
+
+
+def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(dataset, tmp_path):
+    config = run_config(dataset, tmp_path / "skip", training={"save_interval": 0})
+    run_distributed(_pretrain_with_nan_losses, 1, config, [3, 4], False)
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 6 and all(np.isfinite(r["loss"]) for r in train)
+    assert train[-1]["skipped"] == 2 and train[-1]["consumed_samples"] == 6 * 8 + 2 * 2
+    stop = run_config(dataset, tmp_path / "stop", training={"save_interval": 0, "max_nonfinite_steps": 3})
+    run_distributed(_pretrain_with_nan_losses, 1, stop, [-1], True)
