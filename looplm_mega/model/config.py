@@ -49,6 +49,10 @@ class LoopLMConfig:
     fused_cross_entropy: bool = True
     cross_entropy_chunk_tokens: int = 1024
     entropy_beta: float = 0.1  # beta of the Stage I objective (0.1 in Stage 1a, 0.05 after)
+    # Initial weight of the norms on the attention and MLP outputs (input_layernorm_2,
+    # post_attention_layernorm_2). Small values make every loop start close to the identity, so
+    # later loops refine earlier ones instead of overwriting them (README, "Initialisation").
+    sublayer_norm_init: float = 0.05
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -80,6 +84,8 @@ class LoopLMConfig:
             raise ConfigError(f"rope_theta={self.rope_theta} must be positive")
         if self.truncated_loops is not None and self.truncated_loops < 1:
             raise ConfigError(f"truncated_loops={self.truncated_loops} must be at least 1 or null")
+        if self.sublayer_norm_init <= 0:
+            raise ConfigError(f"sublayer_norm_init={self.sublayer_norm_init} must be positive")
         if self.entropy_beta < 0:
             raise ConfigError(f"entropy_beta={self.entropy_beta} must be non-negative")
 

@@ -81,7 +81,9 @@ class LoopLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for matrices; the projections that write into the residual
-        stream are scaled by 1/sqrt(2 N) (GPT-2/Megatron) so the stream does not grow with depth."""
+        stream are scaled by 1/sqrt(2 N) (GPT-2/Megatron). The sandwich norms on the attention and
+        MLP outputs start at sublayer_norm_init: they fix the scale of what each sub-layer adds,
+        and at 1 every loop would overwrite its input (measured: README, "Initialisation")."""
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
@@ -91,7 +93,8 @@ class LoopLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                is_sublayer_output = name.endswith(("input_layernorm_2", "post_attention_layernorm_2"))
+                nn.init.constant_(module.weight, self.config.sublayer_norm_init if is_sublayer_output else 1.0)
         # Exit gate bias: lambda = 1/T at the start, so every loop gets a share of the exit mass
         # (a zero bias, lambda = 1/2, puts half of it on loop 1, which then trains fastest and
         # pulls the distribution further towards exiting early).

@@ -202,3 +202,10 @@ def test_bf16_autocast_forward_is_close_to_fp32():
         mixed = model(ids, labels=ids)
     mixed.loss.backward()
     torch.testing.assert_close(mixed.loss, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_sublayer_output_norms_start_small_and_the_others_at_one():
+    model = LoopLM(tiny_config(sublayer_norm_init=0.05))
+    layer = model.model.layers[0]
+    assert torch.all(layer.input_layernorm_2.weight == 0.05) and torch.all(layer.post_attention_layernorm_2.weight == 0.05)
+    assert torch.all(layer.input_layernorm.weight == 1.0) and torch.all(model.model.norm.weight == 1.0)
