@@ -22,6 +22,7 @@ setup(
         "pyyaml",
         "tqdm",
         "wandb",
+        "zstandard",  # .jsonl.zst inputs of tools/preprocess_data.py
     ],
     extras_require={
         # NVIDIA apex is not on the package index (the index's "apex" is an unrelated project):

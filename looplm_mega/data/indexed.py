@@ -76,12 +76,21 @@ class IndexedDatasetWriter:
         self.num_documents = 0
         self.num_tokens = 0
 
+    def _converted(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokens in the file's dtype; a value that does not fit is an error, not a silent wrap."""
+        if tokens.dtype != self.dtype and len(tokens) and np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            low, high = tokens.min(), tokens.max()
+            if low < info.min or high > info.max:
+                raise ValueError(f"{self.prefix}: token id {high if high > info.max else low} does not fit {self.dtype}")
+        return tokens.astype(self.dtype, copy=False)
+
     def add_sequence(self, tokens) -> None:
         """One sequence; it joins the current document until end_document()."""
         array = np.asarray(tokens)
         if array.ndim != 1:
             raise ValueError(f"a sequence must be one-dimensional, got shape {array.shape}")
-        self._bin.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._bin.write(self._converted(array).tobytes(order="C"))
         self._lengths.write(np.array([len(array)], dtype=np.int32).tobytes())
         self.num_sequences += 1
         self.num_tokens += len(array)
@@ -100,7 +109,7 @@ class IndexedDatasetWriter:
         tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
         if lengths.sum() != len(tokens):
             raise ValueError(f"lengths sum to {lengths.sum()} but {len(tokens)} tokens were given")
-        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._bin.write(self._converted(tokens).tobytes())
         self._lengths.write(lengths.astype(np.int32).tobytes())
         ends = self.num_sequences + np.arange(1, len(lengths) + 1, dtype=np.int64)
         self._docs.write(ends.tobytes())

@@ -1,0 +1,154 @@
+import gzip
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from looplm_mega.data.indexed import IndexedDataset
+from looplm_mega.data.stdlib_corpus import stdlib_documents
+from looplm_mega.data.tokenizer import train_bpe_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools/preprocess_data.py"
+
+
+@pytest.fixture(scope="module")
+def texts():
+    corpus = "".join(stdlib_documents(max_bytes=60_000))
+    return [corpus[1500 * i : 1500 * i + 300 + 11 * i] for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_bpe_tokenizer(texts, vocab_size=350, path=path)
+    return path
+
+
+def _run(*args, timeout=60):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _lines(texts):
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts)
+
+
+def _documents(prefix):
+    dataset = IndexedDataset(prefix)
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def test_gzipped_jsonl_to_megatron_named_outputs_with_eod(tmp_path, tokenizer_path, texts):
+    (tmp_path / "corpus.jsonl.gz").write_bytes(gzip.compress(_lines(texts).encode()))
+    done = _run("--input", tmp_path / "corpus.jsonl.gz", "--tokenizer", tokenizer_path,
+                "--output-prefix", tmp_path / "out/c", "--append-eod", "--log-interval", "10", "--batch-documents", "4")
+    assert done.returncode == 0, done.stderr
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    prefix = tmp_path / "out/c_text_document"
+    assert _documents(prefix) == [tokenizer.encode(t).ids + [0] for t in texts]
+    assert IndexedDataset(prefix).dtype == np.uint16
+    assert "documents: 30 " in done.stdout and "skipped: none" in done.stdout
+    # Progress lines every 10 documents, with rates and an ETA.
+    progress = [line for line in done.stderr.splitlines() if "docs/s" in line]
+    assert len(progress) == 3 and all("tokens/s" in line and "MB/s" in line and "ETA" in line for line in progress)
+
+
+def test_bad_line_fails_with_file_and_line_unless_skipped(tmp_path, tokenizer_path, texts):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(_lines(texts[:3]) + '{"text": "unterminated\n' + _lines(texts[3:5]) + '{"title": "x"}\n')
+    done = _run("--input", path, "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "out/c")
+    assert done.returncode == 1
+    assert f"error: {path}:4: malformed JSON" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    done = _run("--input", path, "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "out/c", "--skip-invalid")
+    assert done.returncode == 0, done.stderr
+    assert "skipped: malformed_json 1, missing_key 1" in done.stdout
+    assert f"skipped {path}:4: malformed JSON" in done.stderr  # the first few are logged with their place
+    assert IndexedDataset(tmp_path / "out/c_text_document").num_documents == 5
+
+
+def test_partitions_and_workers_match_a_single_process_run(tmp_path, tokenizer_path, texts):
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.jsonl").write_text(_lines(texts[i * 10 : (i + 1) * 10]))
+    single = _run("--input", tmp_path / "in", "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "one/c")
+    parts = _run("--input", tmp_path / "in/*.jsonl", "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "parts/c",
+                 "--partitions", "2", "--workers", "2", "--batch-documents", "3")
+    assert single.returncode == 0 and parts.returncode == 0, parts.stderr
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"parts/c_text_document{suffix}").read_bytes() == (tmp_path / f"one/c_text_document{suffix}").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["c_text_document.bin", "c_text_document.idx"]
+    assert "in 2 partitions" in parts.stderr and "[part 2/2]" in parts.stderr
+
+
+def test_text_lines_and_json_keys(tmp_path, tokenizer_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n")
+    done = _run("--input", tmp_path / "a.txt", "--input-format", "text", "--text-mode", "line",
+                "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "t", "--json-keys", "line")
+    assert done.returncode == 0, done.stderr
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    assert _documents(tmp_path / "t_line_document") == [tokenizer.encode(t).ids for t in ("first line", "second line")]
+    assert "skipped: empty 1" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "error: workers: must be at least 1"),
+    (["--input-format", "text", "--json-keys", "a", "b"], "error: json_keys: plain text has one text per document"),
+    (["--tokenizer", "missing/tokenizer.json"], "missing/tokenizer.json: tokenizer file does not exist"),
+])
+def test_bad_flags_give_a_clear_error(tmp_path, tokenizer_path, args, message):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    base = {"--input": tmp_path / "a.jsonl", "--tokenizer": tokenizer_path, "--output-prefix": tmp_path / "o"}
+    flags = [str(v) for k, v in base.items() if k not in args for v in (k, v)] + args
+    done = _run(*flags)
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_leaves_no_output(tmp_path, tokenizer_path, texts, workers):
+    # The input is a named pipe fed slowly: the tool is mid-run, waiting for input, when the
+    # interruption comes, without a race against the end of a small file.
+    fifo = tmp_path / "stream.jsonl"
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, str(TOOL), "--input", str(fifo), "--tokenizer", str(tokenizer_path),
+                                "--output-prefix", str(tmp_path / "out/c"), "--workers", str(workers),
+                                "--batch-documents", "2", "--log-interval", "1"], stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+
+    def feed():
+        try:
+            with open(fifo, "w") as writer:  # opens once the tool opens the pipe for reading
+                for line in itertools.cycle(_lines(texts).splitlines(keepends=True)):
+                    if stop.wait(0.02):
+                        return
+                    writer.write(line)
+                    writer.flush()
+        except BrokenPipeError:  # the tool has gone
+            pass
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    watchdog = threading.Timer(60, process.kill)  # a hung tool fails the test instead of hanging it
+    watchdog.start()
+    try:
+        # Wait for the first progress line: a batch is written, the run is under way.
+        while "docs/s" not in (line := process.stderr.readline()):
+            assert line, "the tool ended before writing anything"
+        assert (tmp_path / "out/c_text_document.bin.tmp").exists()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        stop.set()
+        watchdog.cancel()
+        process.kill()
+        feeder.join(timeout=5)
+    assert process.returncode == 130 and "interrupted: no output written" in stderr
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Preprocessing benchmark: throughput (tokens/s, MB/s) and peak memory of tools/preprocess_data.py's
+logic with 1 and 2 (or more) encoding workers, measured side by side in one run.
+
+The corpus is synthetic but made of real text: windows of varied length (a log-normal around
+4 KB) cut at line starts from the Python standard library's sources, shuffled and repeated up to
+the size asked for, as JSONL. It and the tokenizer (byte-level BPE trained on a sample of the same
+sources) are built once into the cache directory. Each measured run is a fresh process; its peak
+memory is the largest sum of RSS over its whole process tree (main process and encoding workers),
+sampled every 50 ms; shared pages count once per process, so this overstates a little. The runs
+must produce byte-identical outputs, which the benchmark checks.
+
+    python tools/benchmark_preprocess.py                    # 200 MB corpus, vocab 32768, workers 1 and 2
+    python tools/benchmark_preprocess.py --corpus-mb 1 --vocab-size 400 --tokenizer-sample-mb 0.3
+    python tools/benchmark_preprocess.py --repeats 2        # on a shared machine: alternate, keep the best
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.data.preprocess import PreprocessConfig, output_prefix, preprocess  # noqa: E402
+from looplm_mega.data.stdlib_corpus import stdlib_documents  # noqa: E402
+from looplm_mega.data.tokenizer import train_bpe_tokenizer  # noqa: E402
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "looplm_mega" / "benchmark_preprocess"
+_SAMPLE_SECONDS = 0.05
+
+
+def build_corpus(path: Path, target_bytes: int, seed: int = 0) -> None:
+    """Write the JSONL corpus (atomically): documents cut from random stdlib files until
+    `target_bytes` of JSONL are written."""
+    sources = list(stdlib_documents())
+    rng = np.random.default_rng(seed)
+    tmp = path.with_name(path.name + ".tmp")
+    written, next_report, start = 0, 0, time.perf_counter()
+    with tmp.open("w", encoding="utf-8") as f:
+        while written < target_bytes:
+            # Draw in chunks: a vectorised draw per 1,000 documents rather than per document.
+            files = rng.integers(len(sources), size=1000)
+            lengths = np.clip(rng.lognormal(np.log(4000), 1.0, size=1000), 200, 200_000).astype(np.int64)
+            starts = rng.random(1000)
+            for file_index, length, start_fraction in zip(files, lengths, starts):
+                text = sources[file_index]
+                first = text.find("\n", int(start_fraction * max(len(text) - length, 0))) + 1  # a line start
+                line = json.dumps({"text": text[first : first + length]}) + "\n"
+                f.write(line)
+                written += len(line)
+                if written >= target_bytes:
+                    break
+            if written >= next_report:
+                print(f"corpus: {written / 1e6:.0f} / {target_bytes / 1e6:.0f} MB "
+                      f"({written / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s)", file=sys.stderr, flush=True)
+                next_report += 50_000_000
+    tmp.replace(path)
+
+
+def prepare(cache_dir: Path, corpus_mb: float, vocab_size: int, sample_mb: float, seed: int) -> tuple[Path, Path]:
+    """The cached corpus and tokenizer, built when missing."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    corpus = cache_dir / f"corpus_{corpus_mb:g}MB_seed{seed}.jsonl"
+    if not corpus.exists():
+        build_corpus(corpus, int(corpus_mb * 1e6), seed)
+    tokenizer = cache_dir / f"tokenizer_bpe{vocab_size}_sample{sample_mb:g}MB.json"
+    if not tokenizer.exists():
+        start = time.perf_counter()
+        train_bpe_tokenizer(stdlib_documents(max_bytes=int(sample_mb * 1e6)), vocab_size, tokenizer)
+        print(f"tokenizer: vocab {vocab_size} trained on {sample_mb:g} MB in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+    return corpus, tokenizer
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Sum of the resident memory of `root` and all its descendants (Linux /proc)."""
+    children = defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in () may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended meanwhile
+            children[parent].append(int(entry.name))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+        stack.extend(children[pid])
+    return total
+
+
+def measure(config: PreprocessConfig) -> dict:
+    """One run in a fresh process: its summary, wall time and the peak RSS of its process tree."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(config.__dict__)]
+    cpu_before = _children_cpu_seconds()
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, tree_rss_bytes(process.pid))
+        time.sleep(_SAMPLE_SECONDS)
+    output = process.stdout.read()
+    # CPU time of the whole tree (workers are reaped by the run's process, and it by us): on a
+    # shared machine, CPU seconds / wall seconds shows how many cores the run actually got.
+    cpu_seconds = _children_cpu_seconds() - cpu_before
+    if process.returncode != 0:
+        raise RuntimeError(f"preprocess run with {config.workers} workers failed (exit {process.returncode})")
+    summary = json.loads(output.strip().splitlines()[-1])
+    tokens = sum(summary["tokens"].values())
+    data = Path(output_prefix(config.output_prefix, config.json_keys[0]) + ".bin")
+    digest = hashlib.sha256()
+    with open(data, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return {"workers": config.workers, "documents": summary["documents"], "tokens": tokens,
+            "input_bytes": summary["input_bytes"], "seconds": summary["seconds"],
+            "tokens_per_s": tokens / summary["seconds"], "mb_per_s": summary["input_bytes"] / 1e6 / summary["seconds"],
+            "cpu_seconds": cpu_seconds, "peak_rss_bytes": peak, "bin_sha256": digest.hexdigest()}
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_worker(config_json: str) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    summary = preprocess(PreprocessConfig(**json.loads(config_json)))
+    print(json.dumps(summary.__dict__))
+
+
+def measure_all(corpus: Path, tokenizer: Path, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(best run of each worker count, every run)."""
+    runs: dict[int, list[dict]] = {workers: [] for workers in args.workers}
+    # Worker counts alternate over the repeats, so that load from elsewhere on a shared machine
+    # hits each alike; each count reports its best run.
+    for repeat in range(args.repeats):
+        for workers in args.workers:
+            prefix = args.cache_dir / f"run_workers{workers}"
+            config = PreprocessConfig(input=[str(corpus)], output_prefix=str(prefix), tokenizer=str(tokenizer),
+                                      workers=workers, append_eod=True, batch_documents=args.batch_documents,
+                                      log_interval=10_000)
+            try:
+                r = measure(config)
+            finally:
+                for suffix in (".bin", ".idx"):
+                    Path(output_prefix(prefix, "text") + suffix).unlink(missing_ok=True)
+            runs[workers].append(r)
+            print(f"workers {workers}, repeat {repeat + 1}/{args.repeats}: {r['tokens_per_s']:,.0f} tokens/s, "
+                  f"{r['mb_per_s']:.1f} MB/s, peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
+    results = []
+    for workers, worker_runs in runs.items():
+        best = dict(max(worker_runs, key=lambda r: r["tokens_per_s"]))
+        best["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in worker_runs)
+        results.append(best)
+    return results, [r for worker_runs in runs.values() for r in worker_runs]
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| workers | documents | tokens | seconds | CPU seconds | tokens/s | MB/s | peak RSS, process tree (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['workers']} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['mb_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the corpus and tokenizer are kept")
+    p.add_argument("--corpus-mb", type=float, default=200.0, help="size of the JSONL corpus")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--tokenizer-sample-mb", type=float, default=10.0, help="text the tokenizer is trained on")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    p.add_argument("--repeats", type=int, default=1, help="runs per worker count; the best is reported")
+    p.add_argument("--batch-documents", type=int, default=PreprocessConfig.batch_documents)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, help="write the results as JSON here too")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        run_worker(args.worker)
+        return
+    if min(args.workers) < 1 or args.repeats < 1 or args.corpus_mb <= 0 or args.vocab_size < 257:
+        sys.exit("error: --workers and --repeats must be at least 1, --corpus-mb positive and --vocab-size above 256")
+    corpus, tokenizer = prepare(args.cache_dir, args.corpus_mb, args.vocab_size, args.tokenizer_sample_mb, args.seed)
+    results, all_runs = measure_all(corpus, tokenizer, args)
+    identical = len({r["bin_sha256"] for r in all_runs}) == 1
+    summary = {"corpus": str(corpus), "corpus_bytes": corpus.stat().st_size, "vocab_size": args.vocab_size,
+               "cpus": os.cpu_count(), "results": results, "runs": all_runs, "identical_outputs": identical}
+    print(f"corpus {summary['corpus_bytes'] / 1e6:.1f} MB JSONL, {results[0]['documents']:,} documents; "
+          f"byte-level BPE vocab {args.vocab_size}; {os.cpu_count()} CPUs\n")
+    print(format_table(results))
+    if args.output:
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(args.output)
+    if not identical:
+        sys.exit("error: the runs produced different outputs")
+
+
+if __name__ == "__main__":
+    main()

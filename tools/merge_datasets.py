@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Concatenate indexed datasets (.bin/.idx pairs) into one, in the order given.
+
+    python tools/merge_datasets.py --inputs data/a_text_document data/b_text_document \\
+        --output-prefix data/ab_text_document
+
+Every input is validated, and must hold tokens of the same dtype, before anything is written;
+the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
+from looplm_mega.data.preprocess import merge_datasets  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--inputs", nargs="+", required=True, help="prefixes of the datasets (name.bin / name.idx also accepted)")
+    p.add_argument("--output-prefix", required=True)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        documents, tokens = merge_datasets(args.inputs, args.output_prefix)
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        sys.exit(130)
+    except IndexedDatasetError as e:
+        sys.exit(f"error: {e}")
+    print(f"merged {len(args.inputs)} datasets into {args.output_prefix}.bin/.idx: "
+          f"{documents:,} documents, {tokens:,} tokens in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
