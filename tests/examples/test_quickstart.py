@@ -18,15 +18,18 @@ def _quickstart():
     return module
 
 
-def test_quickstart_runs_end_to_end_at_reduced_size(tmp_path, capsys):
-    _quickstart().main(["--out", str(tmp_path), "--steps", "3", "--batch", "2", "--seq", "32", "--corpus-mb", "0.4"])
-    printed = capsys.readouterr().out
-    assert "validation CE per loop step after training" in printed and "--- 'def ' ->" in printed
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["per_step_ce"]) == 4
-    assert len(json.loads((tmp_path / "validation.json").read_text())["per_step_ce"]) == 4
-    config = load_yaml(LoopLMConfig, tmp_path / "config.yaml")
-    model = LoopLM(config)
-    model.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+def test_quickstart_pipeline_at_reduced_size(tmp_path, capfd):
+    """Corpus -> tokenizer -> preprocess -> deepspeed pretraining -> consolidation -> generation."""
+    out = tmp_path / "quickstart"
+    _quickstart().main(["--out", str(out), "--steps", "3", "--processes", "2", "--corpus-mb", "0.4", "--vocab-size", "512",
+                        "--training.micro_batch_size=2", "--training.global_batch_size=4", "--training.eval_iters=2",
+                        "--training.log_interval=1", "--training.save_interval=0", "--schedule.warmup_steps=1"])
+    printed = capfd.readouterr().out
+    assert "validation CE per loop step" in printed and "--- 'def ' ->" in printed
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+    assert len([r for r in records if r["split"] == "valid"][-1]["ce_per_step"]) == 4
+    assert (out / "data" / "stdlib_text_document.idx").exists()
+    model = LoopLM(load_yaml(LoopLMConfig, out / "model" / "config.yaml"))
+    model.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
     assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).hidden_states[-1]).all()
-    assert (tmp_path / "tokenizer.json").exists()
