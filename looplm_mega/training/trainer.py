@@ -7,7 +7,7 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import deepspeed
 import torch

@@ -26,7 +26,7 @@ def _files(tmp_path):
 
 def test_index_bytes_match_the_hand_computed_layout(tmp_path):
     # Three documents: [1 2 3], [4], and one of two sequences [5 6] + [7].
-    prefix = _write(tmp_path / "d", [[[1, 2, 3]], [[4]], [[5, 6], [7]]])
+    _write(tmp_path / "d", [[[1, 2, 3]], [[4]], [[5, 6], [7]]])
     expected = (MAGIC + struct.pack("<Q", 1) + struct.pack("<B", 8) + struct.pack("<Q", 4) + struct.pack("<Q", 4)
                 + struct.pack("<4i", 3, 1, 2, 1)      # sequence lengths
                 + struct.pack("<4q", 0, 6, 8, 12)     # byte offsets of the uint16 sequences

@@ -1,7 +1,6 @@
 """The DeepSpeed pretraining loop, for real: several gloo processes on this CPU."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
