@@ -77,8 +77,10 @@ class Trainer:
             config=deepspeed_config(config, self.grad_accum, self.device))
         self.total_steps = config.train_steps
         self.samples_per_step = config.global_batch_size
-        evaluations = 1 + (self.total_steps // config.training.eval_interval if config.training.eval_interval else 0)
-        eval_samples = evaluations * config.training.eval_iters * config.training.micro_batch_size * self.data_parallel_size
+        # Every validation reads the same batches, so one validation's worth of samples is built.
+        eval_samples = config.training.eval_iters * config.training.micro_batch_size * self.data_parallel_size
+        if config.data.split_ratios[1] == 0:
+            eval_samples = 0  # no validation split: no validation
         # Spare global batches stand in for micro-batches dropped for a non-finite loss.
         micro_per_batch = self.samples_per_step // (config.training.micro_batch_size * self.data_parallel_size)
         spare_batches = -(-self.total_steps // 100) + -(-config.training.max_nonfinite_steps // micro_per_batch)
@@ -122,7 +124,7 @@ class Trainer:
                     logger.log(step, window.summary(self))
                     window = _Window()
                 if training.eval_interval and step % training.eval_interval == 0 and step < self.total_steps:
-                    logger.log(step, self.evaluate(), prefix="valid")
+                    self._log_validation(logger, step)
                 save_now = training.save_interval and step % training.save_interval == 0
                 if save_now or step == self.total_steps:
                     self.save()
@@ -132,7 +134,7 @@ class Trainer:
                     if is_main():
                         print(f"stop requested (SIGTERM/SIGUSR1): checkpoint written at step {step}, exiting", flush=True)
                     return self.state
-            logger.log(self.state.step, self.evaluate(), prefix="valid")
+            self._log_validation(logger, self.state.step)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -182,6 +184,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation CE of every loop step on the validation split (fixed batches every time)."""
         training = self.config.training
+        if self.valid_data is None:
+            return {}
         self.engine.eval()
         global_batch = training.micro_batch_size * self.data_parallel_size
         data = self._loader(self.valid_data, 0, global_batch)
@@ -193,6 +197,11 @@ class Trainer:
         self.engine.train()
         per_step = (total / (training.eval_iters * self.world)).tolist()
         return {"loss": per_step[-1], "ce_per_step": per_step}
+
+    def _log_validation(self, logger: MetricsLogger, step: int) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            logger.log(step, metrics, prefix="valid")
 
     def save(self) -> Path:
         return save_checkpoint(self.engine, self.checkpoint_dir, self.state, to_dict(self.config), self.config.training.keep_last)

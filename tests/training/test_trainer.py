@@ -172,3 +172,10 @@ def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(dataset, tmp_pa
     assert train[-1]["skipped"] == 2 and train[-1]["consumed_samples"] == 6 * 8 + 2 * 2
     stop = run_config(dataset, tmp_path / "stop", training={"save_interval": 0, "max_nonfinite_steps": 3})
     run_distributed(_pretrain_with_nan_losses, 1, stop, [-1], True)
+
+
+def test_a_run_without_validation_split_trains_and_skips_validation(dataset, tmp_path):
+    config = run_config(dataset, tmp_path, data={"split": "100,0,0"}, training={"train_steps": 2, "save_interval": 0})
+    run_distributed(_pretrain, 1, config)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in records] == ["train", "train"]
