@@ -179,3 +179,21 @@ def test_a_run_without_validation_split_trains_and_skips_validation(dataset, tmp
     run_distributed(_pretrain, 1, config)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in records] == ["train", "train"]
+
+
+def test_zero_offload_trains_like_zero2(dataset, tmp_path):
+    configs = [run_config(dataset, tmp_path / name, deepspeed={"zero_stage": 2, "offload_optimizer": offload},
+                          training={"train_steps": 3, "save_interval": 0})
+               for name, offload in (("plain", False), ("offload", True))]
+    run_distributed(_pretrain_each, 1, configs)
+    plain, offload = train_losses(tmp_path / "plain"), train_losses(tmp_path / "offload")
+    np.testing.assert_allclose(list(offload.values()), list(plain.values()), rtol=1e-4)
+
+
+def test_torchrun_launches_the_same_module(dataset, tmp_path):
+    path = tmp_path / "run.yaml"
+    save_yaml(run_config(dataset, tmp_path / "run", training={"train_steps": 2, "save_interval": 0}), path)
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "looplm_mega.pretrain",
+                           "--config", str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 2 x cpu" in done.stdout and sorted(train_losses(tmp_path / "run")) == [1, 2]

@@ -1,0 +1,22 @@
+import os
+
+from looplm_mega.training import distributed
+
+
+def test_slurm_variables_become_the_torch_distributed_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node017")
+    distributed._environment_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert os.environ["MASTER_ADDR"] == "node017" and os.environ["MASTER_PORT"] == "29500"
+
+
+def test_an_existing_launcher_environment_wins_over_slurm(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    distributed._environment_from_slurm()
+    assert os.environ["RANK"] == "0"
