@@ -111,7 +111,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             origin = f"resumed at step {self.state.step}" if resumed else "from scratch"
             print(f"pretraining {self.model_config.num_hidden_layers} layers x {self.model_config.total_ut_steps} loops, "
-                  f"{sum(p.numel() for p in self.engine.module.parameters()):,} parameters on {self.world} x {self.device.type}, "
+                  f"{sum(getattr(p, 'ds_numel', p.numel()) for p in self.engine.module.parameters()):,} parameters on {self.world} x {self.device.type}, "
                   f"ZeRO-{self.engine.zero_optimization_stage()}, {self.total_steps} steps of {self.samples_per_step} samples, {origin}", flush=True)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         data = self._loader(self.train_data, self.state.consumed_samples, self.samples_per_step)
