@@ -27,7 +27,8 @@ LATEST = "latest"
 class TrainerState:
     step: int = 0  # optimizer steps done
     consumed_samples: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient
+    skipped_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
 
 
 def tag_of(step: int) -> str:

@@ -40,7 +40,9 @@ class TrainingConfig:
     eval_iters: int = 10
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 3  # checkpoints kept; older ones are deleted
-    max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
+    # Stop after this many micro-batches with a non-finite loss, or steps with a non-finite
+    # gradient, in a row (each one alone is skipped).
+    max_nonfinite_steps: int = 10
     # Peak FLOP/s of one device for MFU; None: the data-sheet value of known GPUs (model/flops.py).
     peak_flops_per_device: Optional[float] = None
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import signal
 import time
@@ -88,6 +89,7 @@ class Trainer:
         self.train_data, self.valid_data, _ = build_datasets(config.data, {"train": train_samples, "valid": eval_samples})
         self.state = TrainerState()
         self.stop_requested = False
+        self.nonfinite_steps_in_a_row = 0
 
     # --- data ---------------------------------------------------------------------------------
     def _loader(self, dataset, consumed: int, global_batch: int) -> Iterator[dict]:
@@ -147,38 +149,63 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        done, skipped_in_a_row = 0, 0
+        skipped_before = self.engine.skipped_steps
+        done, dropped_in_a_row, zero0_skip = 0, 0, False
         while done < self.grad_accum:
             batch = next(data, None)
             if batch is None:
                 raise RuntimeError(f"step {self.state.step}: the training data ran out after {self.state.consumed_samples} "
-                                   f"samples; {self.state.skipped_steps} micro-batches were dropped for non-finite losses")
+                                   f"samples; {self.state.skipped_micro_batches} micro-batches were dropped for non-finite losses")
             self.state.consumed_samples += training.micro_batch_size * self.data_parallel_size
             output = self._forward(batch)
             # A non-finite loss on any rank: this micro-batch is dropped on every rank before its
             # backward, and the next one takes its place.
             if not all_true(bool(torch.isfinite(output.loss)), self.device):
-                self.state.skipped_steps += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= training.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"step {self.state.step}: {skipped_in_a_row} micro-batches in a row gave a non-finite loss "
-                        f"(training.max_nonfinite_steps={training.max_nonfinite_steps}); lower optimizer.lr or check the data")
+                self.state.skipped_micro_batches += 1
+                dropped_in_a_row += 1
+                self._check_nonfinite_limit(dropped_in_a_row, "micro-batches in a row gave a non-finite loss")
                 continue
-            skipped_in_a_row = 0
+            dropped_in_a_row = 0
             self.engine.backward(output.loss)
             done += 1
             if done == self.grad_accum and self.engine.zero_optimization_stage() == 0:
-                # ZeRO-0 clips without keeping the norm; the gradients are reduced by now.
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                window.grad_norm = float(torch.nn.utils.get_total_norm(grads))
+                zero0_skip = self._zero0_gradient_norm(window)
             self.engine.step()
             window.add(output, batch)
         window.seconds += time.perf_counter() - start
         window.lr = lr
         if self.engine.zero_optimization_stage() > 0:
             window.grad_norm = self.engine.get_global_grad_norm()
+        # ZeRO 1-3 skip a step whose gradient norm is not finite (DeepSpeed counts it); ZeRO-0 here.
+        if zero0_skip or self.engine.skipped_steps > skipped_before:
+            self.state.skipped_steps += 1
+            self.nonfinite_steps_in_a_row += 1
+            self._check_nonfinite_limit(self.nonfinite_steps_in_a_row, "optimizer steps in a row had a non-finite gradient")
+        else:
+            self.nonfinite_steps_in_a_row = 0
         self.state.step += 1
+
+    def _zero0_gradient_norm(self, window: "_Window") -> bool:
+        """ZeRO-0 clips without keeping the norm, and would apply a non-finite gradient: the norm is
+        taken here (the gradients are reduced by now). A non-finite one turns the step into a step
+        of zero gradients at learning rate 0: every parameter stays as it is (Adam's moment
+        estimates decay by one step). True if the step is skipped."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        window.grad_norm = norm
+        if math.isfinite(norm):
+            return False
+        for p in params:
+            p.grad.zero_()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = 0.0
+        return True
+
+    def _check_nonfinite_limit(self, in_a_row: int, what: str) -> None:
+        limit = self.config.training.max_nonfinite_steps
+        if in_a_row >= limit:
+            raise FloatingPointError(f"step {self.state.step}: {in_a_row} {what} (training.max_nonfinite_steps={limit}); "
+                                     "lower optimizer.lr or check the data")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -241,7 +268,8 @@ class _Window:
             "mean_exit_step": values[2].item(), "gate_mean_per_step": (self.gates / self.count).tolist(),
             "lr": self.lr, "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12,
-            "skipped": trainer.state.skipped_steps, "consumed_samples": trainer.state.consumed_samples,
+            "skipped_steps": trainer.state.skipped_steps, "skipped_micro_batches": trainer.state.skipped_micro_batches,
+            "consumed_samples": trainer.state.consumed_samples,
         }
         peak = trainer.config.training.peak_flops_per_device
         if peak is None and trainer.device.type == "cuda":

@@ -158,7 +158,7 @@ def _pretrain_with_nan_losses(config: RunConfig, bad_calls: list, expect_error: 
     try:
         _pretrain(config)
     except FloatingPointError as e:
-        assert expect_error and "micro-batches in a row gave a non-finite loss" in str(e)
+        assert expect_error and "in a row" in str(e)
         return
     assert not expect_error
 
@@ -169,7 +169,8 @@ def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(dataset, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == 6 and all(np.isfinite(r["loss"]) for r in train)
-    assert train[-1]["skipped"] == 2 and train[-1]["consumed_samples"] == 6 * 8 + 2 * 2
+    assert train[-1]["skipped_micro_batches"] == 2 and train[-1]["skipped_steps"] == 0
+    assert train[-1]["consumed_samples"] == 6 * 8 + 2 * 2
     stop = run_config(dataset, tmp_path / "stop", training={"save_interval": 0, "max_nonfinite_steps": 3})
     run_distributed(_pretrain_with_nan_losses, 1, stop, [-1], True)
 
@@ -197,3 +198,51 @@ def test_torchrun_launches_the_same_module(dataset, tmp_path):
                            "--config", str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "on 2 x cpu" in done.stdout and sorted(train_losses(tmp_path / "run")) == [1, 2]
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity whose backward gives NaN: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _pretrain_with_nan_gradients(config: RunConfig, bad_calls: list, expect_error: bool) -> None:
+    from looplm_mega.model.looplm import LoopLM
+
+    original, calls = LoopLM.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_calls or -1 in bad_calls:
+                output.loss = _NanGradient.apply(output.loss)
+        return output
+
+    LoopLM.forward = forward
+    try:
+        _pretrain(config)
+    except FloatingPointError as e:
+        assert expect_error and "steps in a row had a non-finite gradient" in str(e)
+        return
+    assert not expect_error
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_steps_with_non_finite_gradients_are_skipped(dataset, tmp_path, stage):
+    # Forward 5 is the first micro-batch of step 2 (4 micro-batches per step): that step is skipped.
+    config = run_config(dataset, tmp_path / "skip", deepspeed={"zero_stage": stage}, training={"save_interval": 0})
+    run_distributed(_pretrain_with_nan_gradients, 1, config, [5], False)
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["skipped_steps"] for r in train] == [0, 1, 1, 1, 1, 1]
+    assert all(np.isfinite(r["loss"]) for r in train) and np.isfinite(records[-1]["loss"])
+    stop = run_config(dataset, tmp_path / "stop", deepspeed={"zero_stage": stage},
+                      training={"save_interval": 0, "max_nonfinite_steps": 2})
+    run_distributed(_pretrain_with_nan_gradients, 1, stop, [-1], True)
