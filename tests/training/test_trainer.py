@@ -115,18 +115,18 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(dataset, tmp_pat
     process = subprocess.Popen([sys.executable, "-m", "looplm_mega.pretrain", "--config", str(path)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     assert "stop requested" in output
     tag = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     stopped_at = json.loads((tmp_path / "run" / "checkpoints" / tag / "trainer_state.json").read_text())["state"]["step"]
     assert 2 <= stopped_at < 500
     done = subprocess.run([sys.executable, "-m", "looplm_mega.pretrain", "--config", str(path),
-                           "--training.train_steps", str(stopped_at + 1)], capture_output=True, text=True, timeout=120)
+                           "--training.train_steps", str(stopped_at + 1)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed at step {stopped_at}" in done.stdout
     assert max(train_losses(tmp_path / "run")) == stopped_at + 1
