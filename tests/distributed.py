@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch.multiprocessing as mp
 
@@ -20,6 +21,21 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
     fn(*args)
 
 
-def run_distributed(fn, world_size: int, *args) -> None:
-    """fn(*args) on every rank; fn must be importable (a module-level function)."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+def run_distributed(fn, world_size: int, *args, timeout: float = 600) -> None:
+    """fn(*args) on every rank; fn must be importable (a module-level function). A rank's
+    exception is raised here; a run longer than `timeout` seconds is killed and fails."""
+    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=2):
+        # join() waits on pipes that a process started by a rank can keep open after the rank
+        # has exited; the exit codes are the ground truth.
+        if all(not p.is_alive() for p in context.processes):
+            failed = [(rank, p.exitcode) for rank, p in enumerate(context.processes) if p.exitcode]
+            if failed:
+                raise RuntimeError(f"ranks exited with codes {failed}")
+            return
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise TimeoutError(f"{fn.__name__} on {world_size} processes ran past {timeout} s")
