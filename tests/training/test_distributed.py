@@ -5,7 +5,9 @@ from looplm_mega.training import distributed
 
 def test_slurm_variables_become_the_torch_distributed_environment(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so that monkeypatch records (and later restores) what the code under test sets
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
@@ -17,6 +19,9 @@ def test_slurm_variables_become_the_torch_distributed_environment(monkeypatch):
 
 def test_an_existing_launcher_environment_wins_over_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "0")
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "3")
     distributed._environment_from_slurm()
     assert os.environ["RANK"] == "0"

@@ -117,6 +117,7 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(dataset, tmp_pat
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert process.poll() is None, process.communicate()[0][-3000:]  # it died before training
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
