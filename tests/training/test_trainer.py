@@ -141,39 +141,53 @@ def test_config_errors_stop_before_any_work(dataset, tmp_path):
     assert done.returncode != 0 and "training.precision: 'fp16' is not one of" in done.stderr
 
 
-def _pretrain_with_nan_losses(config: RunConfig, bad_calls: list, expect_error: bool) -> None:
-    """Training forwards whose number is in bad_calls (or all, with -1) return a NaN loss."""
+def _pretrain_with_bad_forwards(config: RunConfig, corruption: str, bad_calls: list, expect_error: str) -> None:
+    """Training forwards whose number is in bad_calls (or all, with -1) get a corrupted loss:
+    "nan_loss" (a NaN value) or "nan_gradient" (a finite value whose gradient is NaN)."""
     from looplm_mega.model.looplm import LoopLM
 
     original, calls = LoopLM.forward, [0]
+    corrupt = (lambda loss: loss * float("nan")) if corruption == "nan_loss" else _NanGradient.apply
 
     def forward(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
         if self.training:
             calls[0] += 1
             if calls[0] in bad_calls or -1 in bad_calls:
-                output.loss = output.loss * float("nan")
+                output.loss = corrupt(output.loss)
         return output
 
     LoopLM.forward = forward
     try:
         _pretrain(config)
     except FloatingPointError as e:
-        assert expect_error and "in a row" in str(e)
+        assert expect_error and expect_error in str(e), str(e)
         return
     assert not expect_error
 
 
+class _NanGradient(torch.autograd.Function):
+    """The identity whose backward gives NaN: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(dataset, tmp_path):
     config = run_config(dataset, tmp_path / "skip", training={"save_interval": 0})
-    run_distributed(_pretrain_with_nan_losses, 1, config, [3, 4], False)
+    run_distributed(_pretrain_with_bad_forwards, 1, config, "nan_loss", [3, 4], "")
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == 6 and all(np.isfinite(r["loss"]) for r in train)
     assert train[-1]["skipped_micro_batches"] == 2 and train[-1]["skipped_steps"] == 0
     assert train[-1]["consumed_samples"] == 6 * 8 + 2 * 2
     stop = run_config(dataset, tmp_path / "stop", training={"save_interval": 0, "max_nonfinite_steps": 3})
-    run_distributed(_pretrain_with_nan_losses, 1, stop, [-1], True)
+    run_distributed(_pretrain_with_bad_forwards, 1, stop, "nan_loss", [-1], "micro-batches in a row gave a non-finite loss")
 
 
 def test_a_run_without_validation_split_trains_and_skips_validation(dataset, tmp_path):
@@ -201,49 +215,16 @@ def test_torchrun_launches_the_same_module(dataset, tmp_path):
     assert "on 2 x cpu" in done.stdout and sorted(train_losses(tmp_path / "run")) == [1, 2]
 
 
-class _NanGradient(torch.autograd.Function):
-    """The identity whose backward gives NaN: a finite loss with non-finite gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-def _pretrain_with_nan_gradients(config: RunConfig, bad_calls: list, expect_error: bool) -> None:
-    from looplm_mega.model.looplm import LoopLM
-
-    original, calls = LoopLM.forward, [0]
-
-    def forward(self, *args, **kwargs):
-        output = original(self, *args, **kwargs)
-        if self.training:
-            calls[0] += 1
-            if calls[0] in bad_calls or -1 in bad_calls:
-                output.loss = _NanGradient.apply(output.loss)
-        return output
-
-    LoopLM.forward = forward
-    try:
-        _pretrain(config)
-    except FloatingPointError as e:
-        assert expect_error and "steps in a row had a non-finite gradient" in str(e)
-        return
-    assert not expect_error
-
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_steps_with_non_finite_gradients_are_skipped(dataset, tmp_path, stage):
     # Forward 5 is the first micro-batch of step 2 (4 micro-batches per step): that step is skipped.
     config = run_config(dataset, tmp_path / "skip", deepspeed={"zero_stage": stage}, training={"save_interval": 0})
-    run_distributed(_pretrain_with_nan_gradients, 1, config, [5], False)
+    run_distributed(_pretrain_with_bad_forwards, 1, config, "nan_gradient", [5], "")
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["skipped_steps"] for r in train] == [0, 1, 1, 1, 1, 1]
     assert all(np.isfinite(r["loss"]) for r in train) and np.isfinite(records[-1]["loss"])
     stop = run_config(dataset, tmp_path / "stop", deepspeed={"zero_stage": stage},
                       training={"save_interval": 0, "max_nonfinite_steps": 2})
-    run_distributed(_pretrain_with_nan_gradients, 1, stop, [-1], True)
+    run_distributed(_pretrain_with_bad_forwards, 1, stop, "nan_gradient", [-1], "steps in a row had a non-finite gradient")
