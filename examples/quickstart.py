@@ -83,7 +83,7 @@ def main(argv=None) -> None:
 
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(out / "model")])
     model = LoopLM(load_yaml(LoopLMConfig, out / "model" / "config.yaml")).eval()
-    model.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
+    model.load_full_state_dict(load_file(str(out / "model" / "model.safetensors")))
     tokenizer = load_tokenizer(out / "tokenizer.json")
     for prompt in ("def ", "import "):
         print(f"\n--- {prompt!r} ->\n{generate(model, tokenizer, prompt, 48)}")

@@ -1,8 +1,16 @@
 #!/usr/bin/env python
-"""Convert checkpoints.
+"""Convert checkpoints and model directories.
 
-    # consolidate a training checkpoint (ZeRO 0-3 shards, any number of ranks) into one model
+    # a training checkpoint (ZeRO 0-3 shards, any number of ranks, any TP degree) -> one model
     python tools/convert_checkpoint.py --checkpoint runs/tiny/checkpoints [--tag step00000200] --output runs/tiny/model
+
+    # ... or straight into the shards of another TP degree
+    python tools/convert_checkpoint.py --checkpoint runs/tiny/checkpoints --output runs/tiny/model_tp4 --tp 4
+
+    # re-split (or, with --tp 1, merge) a model directory
+    python tools/convert_checkpoint.py --model runs/tiny/model_tp4 --output runs/tiny/model --tp 1
+
+A run starts from any of these outputs with `--training.init_from DIR`, at any TP degree.
 """
 
 from __future__ import annotations
@@ -13,19 +21,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from looplm_mega.training.consolidate import consolidate  # noqa: E402
+from looplm_mega.training.model_dir import (  # noqa: E402
+    read_config, read_full_state, read_trainer_state, tensor_parallel_degree, write_model_dir,
+)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run's checkpoints/ directory")
+    source.add_argument("--model", help="a model directory written by this tool")
     parser.add_argument("--tag", default=None, help="checkpoint to convert (default: the latest)")
-    parser.add_argument("--output", required=True, help="directory for model.safetensors and config.yaml")
+    parser.add_argument("--output", required=True, help="the model directory to write")
+    parser.add_argument("--tp", type=int, default=1, help="split the output into this many TP shards (default 1: whole)")
     args = parser.parse_args(argv)
+    if args.tp < 1:
+        parser.error(f"--tp {args.tp}: must be at least 1")
     try:
-        out = consolidate(args.checkpoint, args.output, args.tag)
-    except FileNotFoundError as e:
+        if args.checkpoint:
+            out = consolidate(args.checkpoint, args.output, args.tag, args.tp)
+        else:
+            if Path(args.model).resolve() == Path(args.output).resolve():
+                parser.error("--output must differ from --model")
+            tensor_parallel_degree(Path(args.model))  # a clear error for a directory that is not one
+            out = write_model_dir(args.output, read_full_state(args.model), read_config(args.model),
+                                  read_trainer_state(args.model), args.tp)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.yaml'}")
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"wrote {out}: {', '.join(files)}, config.yaml")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class LoopLMConfig:
     # post_attention_layernorm_2). Small values make every loop start close to the identity, so
     # later loops refine earlier ones instead of overwriting them (README, "Initialisation").
     sublayer_norm_init: float = 0.05
+    # The embedding and head rows are padded to a multiple of this x TP (Megatron's
+    # make-vocab-size-divisible-by): equal TP shards and GPU-friendly shapes. Padded logits are
+    # masked; exported and consolidated tensors have exactly vocab_size rows.
+    make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -67,7 +71,7 @@ class LoopLMConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                    "max_position_embeddings", "cross_entropy_chunk_tokens")
+                    "max_position_embeddings", "cross_entropy_chunk_tokens", "make_vocab_size_divisible_by")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")

@@ -16,7 +16,10 @@ gradient d loss / d w_i = CE_i flows back to the exit gate through autograd as u
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -29,39 +32,65 @@ def linear_cross_entropy(
     token_weights: torch.Tensor,
     chunk_tokens: int = 1024,
     fused: bool = True,
+    vocab_size: Optional[int] = None,
+    group: Optional[dist.ProcessGroup] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_i token_weights_i * CE(hidden_i @ weight.T, labels_i) and the per-token CE (detached).
 
-    hidden [M, H], weight [V, H], labels [M] (IGNORE_INDEX: CE 0), token_weights [M].
+    hidden [M, H], weight [V_local, H], labels [M] (IGNORE_INDEX: CE 0), token_weights [M].
+    Vocabulary parallelism: with a process group, `weight` holds this rank's contiguous slice of
+    the (padded) vocabulary, rows [rank * V_local, (rank + 1) * V_local); maxima and softmax sums
+    are all-reduced per chunk, so no rank ever holds full-vocabulary logits. The gradient of
+    `hidden` is then this rank's partial sum: the caller reduces it (parallel.comm).
+    Columns at or beyond `vocab_size` (padding) are masked out: they never win and get no gradient.
     Under autocast the matmuls run in the autocast dtype; softmax and CE are always fp32.
     """
+    rank = dist.get_rank(group) if group is not None else 0
+    vocab_start = rank * weight.shape[0]
+    valid_columns = weight.shape[0] if vocab_size is None else max(0, min(weight.shape[0], vocab_size - vocab_start))
     if not fused:
-        return _naive(hidden, weight, labels, token_weights)
+        return _naive(hidden, weight, labels, token_weights, vocab_start, valid_columns, group)
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, token_weights))
     with torch.autocast(device_type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, token_weights, chunk_tokens, compute_dtype, needs_grad)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, token_weights, chunk_tokens, compute_dtype,
+                                              needs_grad, vocab_start, valid_columns, group)
 
 
-def _naive(hidden, weight, labels, token_weights):
+def _naive(hidden, weight, labels, token_weights, vocab_start, valid_columns, group):
     """The straightforward formulation: every logit materialised (reference and benchmark baseline)."""
     logits = F.linear(hidden, weight).float()
+    if valid_columns < weight.shape[0]:
+        logits = logits.masked_fill(torch.arange(weight.shape[0], device=logits.device) >= valid_columns, float("-inf"))
+    if group is not None:
+        from looplm_mega.parallel.comm import gather_replicated
+
+        logits = gather_replicated(logits, -1, group)
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     return (ce * token_weights).sum(), ce.detach()
 
 
+def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is None:
+        return x
+    from looplm_mega.parallel.comm import all_reduce
+
+    return all_reduce(x, group, op)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, chunk_tokens, compute_dtype, needs_grad):
+    def forward(ctx, hidden, weight, labels, token_weights, chunk_tokens, compute_dtype, needs_grad,
+                vocab_start, valid_columns, group):
         w = weight.to(compute_dtype)
-        num_tokens, vocab = hidden.shape[0], weight.shape[0]
+        num_tokens, local_vocab = hidden.shape[0], weight.shape[0]
         chunk_tokens = min(chunk_tokens, num_tokens)
         device = hidden.device
         # Two chunk-sized buffers reused by every chunk: a fresh allocation of this size per chunk
         # would be page-faulted in anew each time (it is far above malloc's mmap threshold).
-        logits_buf = torch.empty(chunk_tokens, vocab, dtype=compute_dtype, device=device)
-        logp_buf = torch.empty(chunk_tokens, vocab, dtype=torch.float32, device=device)
+        logits_buf = torch.empty(chunk_tokens, local_vocab, dtype=compute_dtype, device=device)
+        shifted_buf = torch.empty(chunk_tokens, local_vocab, dtype=torch.float32, device=device)
         ce = torch.empty(num_tokens, dtype=torch.float32, device=device)
         if needs_grad:
             grad_hidden = torch.empty(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device)
@@ -72,18 +101,28 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_tokens, num_tokens)
             rows = torch.arange(end - start, device=device)
             h = hidden[start:end].to(compute_dtype)
-            y = labels[start:end]
-            valid = y != IGNORE_INDEX
-            y_safe = torch.where(valid, y, 0)
+            y = labels[start:end] - vocab_start
+            here = (y >= 0) & (y < valid_columns)  # the label's logit lives on this rank
+            y_here = torch.where(here, y, 0)
             logits = torch.mm(h, w.T, out=logits_buf[: end - start])
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[: end - start])
-            ce[start:end] = torch.where(valid, -logp[rows, y_safe], 0.0)
+            shifted = shifted_buf[: end - start]
+            shifted.copy_(logits)
+            if valid_columns < local_vocab:
+                shifted[:, valid_columns:] = float("-inf")
+            # Softmax over the whole vocabulary: a global max, then one all-reduce carrying both
+            # the sum of exponentials and the label's (shifted) logit.
+            row_max = _all_reduce(shifted.max(dim=-1).values, group, dist.ReduceOp.MAX)
+            shifted.sub_(row_max.unsqueeze(1))
+            sums = torch.stack((torch.where(here, shifted[rows, y_here], 0.0), shifted.exp_().sum(dim=-1)))
+            label_logit, sum_exp = _all_reduce(sums, group)
+            valid = labels[start:end] != IGNORE_INDEX
+            ce[start:end] = torch.where(valid, sum_exp.log() - label_logit, 0.0)
             if not needs_grad:
                 continue
             # d(sum_i w_i CE_i)/d logits_i = w_i (softmax_i - onehot_i). The factor w_i is applied
             # to the [chunk, hidden] operands and results rather than to the [chunk, vocab] matrix.
-            grad_logits = logp.exp_()
-            grad_logits[rows, y_safe] -= 1.0
+            grad_logits = shifted.div_(sum_exp.unsqueeze(1))
+            grad_logits[rows[here], y_here[here]] -= 1.0
             g = grad_logits if compute_dtype == torch.float32 else logits.copy_(grad_logits)
             scale = (token_weights[start:end].float() * valid).unsqueeze(1)
             torch.mm(g, w, out=grad_hidden[start:end]).mul_(scale.to(compute_dtype))
@@ -104,4 +143,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         grad_tw = ce * grad_loss if ctx.needs_input_grad[3] else None
-        return grad_h, grad_w, None, grad_tw, None, None, None
+        return grad_h, grad_w, None, grad_tw, None, None, None, None, None, None

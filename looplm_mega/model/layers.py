@@ -1,5 +1,9 @@
 """The building blocks of one LoopLM layer: RMSNorm, rotary embeddings, attention, SwiGLU MLP,
-and the four-norm "sandwich" decoder layer of the released Ouro models."""
+and the four-norm "sandwich" decoder layer of the released Ouro models.
+
+Every block takes a TensorParallel (parallel.tensor_parallel): with TP > 1 the projections hold
+this rank's shard (column-parallel q/k/v, gate, up; row-parallel o, down) and the block wraps them
+in one collective on the way in and one on the way out. With TP = 1 those are the identity."""
 
 from __future__ import annotations
 
@@ -9,19 +13,35 @@ from torch import nn
 
 from looplm_mega.model.attention import AttentionMask, attention
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.parallel.tensor_parallel import TensorParallel
+
+SINGLE = TensorParallel()
+
+
+def mark_tensor_parallel(linear: nn.Module, dim: int, tp: TensorParallel) -> None:
+    """Tag a split weight the way DeepSpeed and Megatron do, so that ZeRO's gradient norm sums
+    its square over the TP group instead of counting it once."""
+    if tp.enabled:
+        linear.weight.tensor_model_parallel = True
+        linear.weight.partition_dim = dim
+
+
+def _split(n: int, tp: TensorParallel) -> int:
+    return n // tp.size
 
 
 class RMSNorm(nn.Module):
     """RMSNorm through torch's fused kernel (statistics in fp32 for low-precision inputs); the
     weight is applied inside the kernel, so autograd keeps only the input, not a second copy."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, tp: TensorParallel = SINGLE):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.tp.replicated_weight(self.weight).to(x.dtype), self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -59,10 +79,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LoopLMConfig):
+    """Causal self-attention; under TP each rank owns num_heads / TP query heads and
+    num_kv_heads / TP key/value heads (column-parallel q/k/v, row-parallel o)."""
+
+    def __init__(self, config: LoopLMConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.num_heads = _split(config.num_attention_heads, tp)
+        self.num_kv_heads = _split(config.num_key_value_heads, tp)
         self.head_dim = config.head_dim
         self.backend = config.attention_backend
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -70,26 +94,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        for column in (self.q_proj, self.k_proj, self.v_proj):
+            mark_tensor_parallel(column, 0, tp)
+        mark_tensor_parallel(self.o_proj, 1, tp)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+        x = self.tp.enter(x)
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = attention(q, k, v, mask, backend=self.backend)
-        return self.o_proj(out.reshape(b, s, -1))
+        return self.tp.exit(self.o_proj(out.reshape(b, s, -1)))
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config: LoopLMConfig):
+    """down(silu(gate(x)) * up(x)); under TP each rank owns intermediate_size / TP of the hidden units."""
+
+    def __init__(self, config: LoopLMConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tp = tp
+        intermediate = _split(config.intermediate_size, tp)
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
+        mark_tensor_parallel(self.gate_proj, 0, tp)
+        mark_tensor_parallel(self.up_proj, 0, tp)
+        mark_tensor_parallel(self.down_proj, 1, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+        x = self.tp.enter(x)
+        return self.tp.exit(self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x))))
 
 
 class _SiluMul(torch.autograd.Function):
@@ -115,15 +151,15 @@ class _SiluMul(torch.autograd.Function):
 class DecoderLayer(nn.Module):
     """h = x + norm2(attn(norm1(x))); out = h + norm4(mlp(norm3(h)))  (Ouro's sandwich layer)."""
 
-    def __init__(self, config: LoopLMConfig):
+    def __init__(self, config: LoopLMConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        eps = config.rms_norm_eps
-        self.self_attn = Attention(config)
-        self.mlp = SwiGLU(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.input_layernorm_2 = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.self_attn = Attention(config, tp)
+        self.mlp = SwiGLU(config, tp)
+        self.input_layernorm = RMSNorm(hidden, eps, tp)
+        self.input_layernorm_2 = RMSNorm(hidden, eps, tp)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, tp)
+        self.post_attention_layernorm_2 = RMSNorm(hidden, eps, tp)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
         h = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), rope, mask))

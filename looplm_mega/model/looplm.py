@@ -6,7 +6,11 @@
                     logits_t = lm_head(x_t)               # read-out of step t
 RoPE cos/sin are the same in every loop. Parameter names are those of the released checkpoints
 (model.embed_tokens, model.layers.{i}..., model.norm, model.early_exit_gate, lm_head), so the
-state dict is the released format as it is.
+state dict is the released format as it is, except that the embedding and head rows are padded to
+LoopLMConfig.make_vocab_size_divisible_by (full_state_dict / load_full_state_dict convert).
+
+With a TensorParallel of size > 1 the model holds this rank's shards (parallel.tensor_parallel);
+with sequence parallelism its activations between blocks are sequence shards.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,13 +28,14 @@ from looplm_mega.model.attention import AttentionMask, positions_from_segments
 from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.model.cross_entropy import linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
-from looplm_mega.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from looplm_mega.model.layers import SINGLE, DecoderLayer, RMSNorm, RotaryEmbedding, mark_tensor_parallel
 from looplm_mega.model.losses import stage1_loss, stage2_loss
+from looplm_mega.parallel.tensor_parallel import TensorParallel, padded_vocab_size, partition_dim, shard
 
 
 @dataclass
 class LoopLMOutput:
-    hidden_states: list[torch.Tensor]  # T x [B, S, H]: the normed read-out state of each loop
+    hidden_states: list[torch.Tensor]  # T x [B, S, H]: the normed read-out state of each loop (sequence shards under SP)
     gate_logits: torch.Tensor  # [T, B, S]: z_t, lambda_t = sigmoid(z_t)
     exit_gates: torch.Tensor  # [T, B, S]: lambda_t
     exit_probs: torch.Tensor  # [T, B, S]: p(t|x)
@@ -39,15 +45,45 @@ class LoopLMOutput:
     mean_exit_step: Optional[torch.Tensor] = None  # mean E[t] over valid tokens (with labels)
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """The token embedding; under TP each rank holds a contiguous slice of the (padded) vocabulary,
+    looks up the ids in its range and the partial results are summed across the group."""
+
+    def __init__(self, rows: int, hidden: int, tp: TensorParallel):
+        super().__init__(rows // tp.size, hidden)
+        self.tp = tp
+        mark_tensor_parallel(self, 0, tp)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:
+            return super().forward(input_ids)
+        local = input_ids - self.tp.rank * self.num_embeddings
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp.exit(out)
+
+
+class ExitGate(nn.Linear):
+    """lambda_t = sigmoid(gate(h_t)), replicated on every TP rank."""
+
+    def __init__(self, hidden: int, tp: TensorParallel):
+        super().__init__(hidden, 1, bias=True)
+        self.tp = tp
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.tp.replicated_weight(self.weight), self.tp.replicated_weight(self.bias))
+
+
 class LoopLMBackbone(nn.Module):
     """Everything under the `model.` prefix of the released checkpoints."""
 
-    def __init__(self, config: LoopLMConfig):
+    def __init__(self, config: LoopLMConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
+        rows = padded_vocab_size(config.vocab_size, tp.size, config.make_vocab_size_divisible_by)
+        self.embed_tokens = VocabParallelEmbedding(rows, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)
+        self.early_exit_gate = ExitGate(config.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
 
@@ -55,27 +91,42 @@ class LMHead(nn.Linear):
     """The read-out head. Called with hidden states alone it gives logits; with labels and token
     weights it gives the weighted per-token cross-entropy without materialising the logits
     (cross_entropy.linear_cross_entropy). The loss runs inside this module's own forward so that
-    ZeRO-3 gathers the head weight for it, in the forward and again in the backward."""
+    ZeRO-3 gathers the head weight for it, in the forward and again in the backward.
+    Vocab-parallel under TP: the hidden states given with labels are already whole sequences,
+    entered into the TP region by the caller (LoopLM.forward)."""
 
-    def __init__(self, config: LoopLMConfig):
-        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: LoopLMConfig, tp: TensorParallel):
+        rows = padded_vocab_size(config.vocab_size, tp.size, config.make_vocab_size_divisible_by)
+        super().__init__(config.hidden_size, rows // tp.size, bias=False)
+        self.vocab_size = config.vocab_size
         self.fused = config.fused_cross_entropy
         self.chunk_tokens = config.cross_entropy_chunk_tokens
+        self.tp = tp
+        mark_tensor_parallel(self, 0, tp)
 
     def forward(self, hidden, labels=None, token_weights=None):
         if labels is None:
-            return super().forward(hidden)
-        return linear_cross_entropy(hidden, self.weight, labels, token_weights, self.chunk_tokens, self.fused)
+            logits = F.linear(self.tp.enter(hidden, hidden.ndim - 2), self.weight)
+            return self.tp.gather_vocab(logits)[..., : self.vocab_size]
+        group = self.tp.group if self.tp.enabled else None
+        return linear_cross_entropy(hidden, self.weight, labels, token_weights, self.chunk_tokens, self.fused,
+                                    vocab_size=self.vocab_size, group=group)
 
 
 class LoopLM(nn.Module):
-    def __init__(self, config: LoopLMConfig):
+    def __init__(self, config: LoopLMConfig, tensor_parallel: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = LoopLMBackbone(config)
-        self.lm_head = LMHead(config)
+        self.tp = tensor_parallel
+        # torch's layers draw their own default init from the generator, as much as their (here
+        # sharded) sizes ask; rewinding it makes reset_parameters draw the same full tensors at
+        # every TP degree.
+        rng = torch.get_rng_state()
+        self.model = LoopLMBackbone(config, tensor_parallel)
+        self.lm_head = LMHead(config, tensor_parallel)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        torch.set_rng_state(rng)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -88,8 +139,12 @@ class LoopLM(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
+                # The full tensor is drawn from the seed and this rank keeps its shard: the model
+                # is the same at any TP degree (and the padded vocabulary rows are zero).
                 is_output = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+                full = torch.empty(self._full_shape(f"{name}.weight", module.weight))
+                nn.init.normal_(full, mean=0.0, std=out_std if is_output else std)
+                module.weight.copy_(self._shard(f"{name}.weight", full))
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
@@ -102,13 +157,38 @@ class LoopLM(nn.Module):
         if steps > 1:
             nn.init.constant_(self.model.early_exit_gate.bias, -math.log(steps - 1))
 
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.config.vocab_size, self.tp.size, self.config.make_vocab_size_divisible_by)
+
+    def _full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the unsharded, unpadded tensor behind parameter `name`."""
+        shape = list(param.shape)
+        dim = partition_dim(name)
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            shape[0] = self.config.vocab_size
+        elif dim is not None:
+            shape[dim] *= self.tp.size
+        return tuple(shape)
+
+    def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return shard(full, name, self.tp.rank, self.tp.size, self.padded_vocab_size)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load full tensors with the released names and shapes (a consolidated or exported model):
+        this rank takes its TP shard, the vocabulary rows are padded."""
+        self.load_state_dict({name: self._shard(name, tensor) for name, tensor in state_dict.items()}, strict=strict)
+
     def set_rope_theta(self, theta: float) -> None:
         """Change the RoPE base on a live model (RoPE annealing between curriculum stages)."""
         self.config.rope_theta = theta
         self.model.rotary_emb.set_theta(theta)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        """Parameters of the whole model (every TP shard, no vocabulary padding); a tied weight
+        counts once, as named_parameters yields it once."""
+        return sum(math.prod(self._full_shape(name, p)) for name, p in self.named_parameters())
 
     def _loop(self, x: torch.Tensor, rope, mask: AttentionMask) -> torch.Tensor:
         """One pass through the shared stack, then the shared final norm."""
@@ -147,7 +227,7 @@ class LoopLM(nn.Module):
         first_tracked = 0 if config.truncated_loops is None else max(0, num_steps - config.truncated_loops)
         grad_enabled = torch.is_grad_enabled()
         per_loop = config.activation_checkpointing == "loop" and grad_enabled
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)  # sequence shards under SP
         hidden_states = []
         for step in range(num_steps):
             with torch.set_grad_enabled(grad_enabled and step >= first_tracked):
@@ -157,12 +237,15 @@ class LoopLM(nn.Module):
         # Stage II trains the gate alone: it reads the LM's states without a gradient path back.
         gate_inputs = [h.detach() for h in hidden_states] if objective == "stage2" else hidden_states
         gate_logits = torch.stack([self.model.early_exit_gate(h).squeeze(-1) for h in gate_inputs]).float()
+        gate_logits = self.tp.gather_sequence(gate_logits, seq_dim=2)  # [T, B, S] on every rank
         log_p = exit_log_probs(gate_logits)
         output = LoopLMOutput(hidden_states, gate_logits, torch.sigmoid(gate_logits), log_p.exp())
         if labels is None:
             return output
 
-        stacked = torch.stack(hidden_states).flatten(1, 2)  # [T, B*S, H]
+        # The vocab-parallel head reads whole sequences: replicated states enter the TP region
+        # (their gradient is all-reduced), sequence shards are all-gathered.
+        stacked = self.tp.enter(torch.stack(hidden_states), seq_dim=2).flatten(1, 2)  # [T, B*S, H]
         flat_gates, flat_labels = gate_logits.flatten(1), labels.flatten()
         if objective == "stage1":
             beta = config.entropy_beta if beta is None else beta

@@ -21,6 +21,7 @@ from typing import Literal, Optional, Sequence
 from looplm_mega.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
 from looplm_mega.data.config import DataConfig
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.parallel.tensor_parallel import check_tensor_parallel
 
 
 @dataclass
@@ -45,6 +46,11 @@ class TrainingConfig:
     max_nonfinite_steps: int = 10
     # Peak FLOP/s of one device for MFU; None: the data-sheet value of known GPUs (model/flops.py).
     peak_flops_per_device: Optional[float] = None
+    # A consolidated model directory (tools/convert_checkpoint.py output) to start from when
+    # run_dir holds no checkpoint yet: its weights, at any TP degree. With init_from_continues its
+    # step and consumed samples too (a run continued at another TP degree; Adam's moments restart).
+    init_from: Optional[str] = None
+    init_from_continues: bool = True
 
     def __post_init__(self):
         if (self.global_batch_size is None) == (self.global_batch_tokens is None):
@@ -54,6 +60,9 @@ class TrainingConfig:
         for name in ("micro_batch_size", "log_interval", "eval_iters", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name}={getattr(self, name)} must be at least 1")
+        if self.init_from is not None and not (Path(self.init_from) / "config.yaml").exists():
+            raise ConfigError(f"training.init_from: {self.init_from}/config.yaml does not exist "
+                              "(give a model directory written by tools/convert_checkpoint.py)")
         for name in ("global_batch_size", "global_batch_tokens", "train_steps", "train_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -122,6 +131,22 @@ class DeepSpeedSection:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism; data parallelism takes the rest of the world: DP = world / (TP x PP)."""
+
+    tp: int = 1  # tensor-parallel degree (Megatron-style split of every looped block)
+    pp: int = 1  # pipeline-parallel degree
+    sequence_parallel: bool = False  # norms and residuals on sequence shards (needs TP > 1)
+
+    def __post_init__(self):
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be at least 1")
+        if self.pp > 1:
+            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "looplm-mega"
@@ -138,10 +163,12 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
-        self.model_config()  # validates the model section
+        # Model and parallel layout are checked here, before any process group work.
+        check_tensor_parallel(self.model_config(), self.parallel.tp, self.data.seq_length, self.parallel.sequence_parallel)
         if self.training.global_batch_tokens is not None and self.training.global_batch_tokens % self.data.seq_length:
             raise ConfigError(
                 f"training.global_batch_tokens={self.training.global_batch_tokens} is not a multiple of "

@@ -1,54 +1,69 @@
-"""Consolidate a training checkpoint (any ZeRO stage, any number of ranks) into one model:
-`model.safetensors` with the released tensor names plus the model's `config.yaml`."""
+"""Consolidate a training checkpoint (any ZeRO stage, any number of ranks, any TP degree) into one
+model directory (training/model_dir.py): the released tensor names and shapes, the model's
+config, and the trainer state (step and consumed samples, so that a run can continue from it at
+another TP degree: training.init_from)."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
-from looplm_mega.config import from_dict, save_yaml
+from looplm_mega.config import from_dict
+from looplm_mega.parallel.tensor_parallel import merge
 from looplm_mega.training.checkpoint import latest_tag
 from looplm_mega.training.config import RunConfig
+from looplm_mega.training.model_dir import write_model_dir
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model from the shards of `checkpoint_dir/tag`."""
-    path = checkpoint_dir / tag
-    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
-        # ZeRO 1-3: DeepSpeed's own tool gathers the fp32 master weights from every rank's shard.
+def _model_parallel_ranks(path: Path) -> list[int]:
+    ranks = {int(m.group(1)) for f in path.iterdir() if (m := re.search(r"mp_rank_(\d+)_", f.name))}
+    if not ranks:
+        raise FileNotFoundError(f"{path}: no mp_rank_*_model_states.pt: not a checkpoint of ours")
+    return sorted(ranks)
+
+
+def _rank_state_dict(path: Path, mp_rank: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of one tensor-parallel rank, gathered from its ZeRO shards."""
+    mine = [f for f in path.iterdir() if f"mp_rank_{mp_rank:02d}_" in f.name]
+    if any(f.name.endswith("optim_states.pt") and "zero_pp_rank_" in f.name for f in mine):
+        # ZeRO 1-3: DeepSpeed's own tool gathers the fp32 master weights from every DP rank's
+        # shard. It reads every shard file of a directory, so it is shown this rank's files alone
+        # (under the names of a TP=1 checkpoint) through links.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    model_file = path / "mp_rank_00_model_states.pt"
-    if not model_file.exists():
-        raise FileNotFoundError(f"{path}: neither ZeRO shards nor {model_file.name}: not a checkpoint of ours")
+        with tempfile.TemporaryDirectory() as view:
+            (Path(view) / "rank").mkdir()
+            for f in mine:
+                (Path(view) / "rank" / f.name.replace(f"mp_rank_{mp_rank:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
+            return get_fp32_state_dict_from_zero_checkpoint(view, tag="rank")
+    model_file = path / f"mp_rank_{mp_rank:02d}_model_states.pt"
     return {k: v.float() for k, v in torch.load(model_file, map_location="cpu", weights_only=False)["module"].items()}
 
 
-def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optional[str] = None) -> Path:
-    """Write `output_dir/model.safetensors` and `output_dir/config.yaml`; returns output_dir.
-    The directory is assembled under a temporary name and renamed when complete."""
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+def consolidated_state_dict(checkpoint_dir: Path, tag: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model from the shards of `checkpoint_dir/tag`: TP shards merged,
+    vocabulary padding removed."""
+    path = checkpoint_dir / tag
+    ranks = [_rank_state_dict(path, r) for r in _model_parallel_ranks(path)]
+    return {name: merge([rank[name] for rank in ranks], name, vocab_size) for name in ranks[0]}
+
+
+def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optional[str] = None, tp: int = 1) -> Path:
+    """Write the checkpoint as a model directory (training.model_dir), whole or split into `tp`
+    shards; returns output_dir."""
+    checkpoint_dir = Path(checkpoint_dir)
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no 'latest' pointer; name a checkpoint with --tag")
     state_file = checkpoint_dir / tag / "trainer_state.json"
     if not state_file.exists():
         raise FileNotFoundError(f"{state_file}: missing; {checkpoint_dir / tag} is not a complete checkpoint")
-    run_config = from_dict(RunConfig, json.loads(state_file.read_text())["config"])
-    state = consolidated_state_dict(checkpoint_dir, tag)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    # safetensors refuses tensors that share memory (a tied head): store each one on its own.
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
-    save_yaml(run_config.model_config(), staging / "config.yaml")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
-    return output_dir
+    trainer_state = json.loads(state_file.read_text())
+    model_config = from_dict(RunConfig, trainer_state["config"]).model_config()
+    state = consolidated_state_dict(checkpoint_dir, tag, model_config.vocab_size)
+    return write_model_dir(output_dir, state, model_config, trainer_state, tp)

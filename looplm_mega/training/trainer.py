@@ -8,23 +8,26 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from looplm_mega.config import merge, to_dict
+from looplm_mega.config import ConfigError, merge, to_dict
 from looplm_mega.data.builder import build_datasets
 from looplm_mega.data.gpt_dataset import collate_batch
 from looplm_mega.data.sampler import PretrainingSampler
 from looplm_mega.model import LoopLM, training_flops_per_token
 from looplm_mega.model.flops import device_peak_flops
-from looplm_mega.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from looplm_mega.parallel.state import initialize_parallel
+from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
+from looplm_mega.training.checkpoint import TrainerState, latest_tag, load_checkpoint, save_checkpoint
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.distributed import all_true, init_distributed, is_main
 from looplm_mega.training.metrics import MetricsLogger
+from looplm_mega.training.model_dir import read_full_state, read_rank_state, read_trainer_state
 from looplm_mega.training.schedules import learning_rate
 
 
@@ -66,16 +69,23 @@ class Trainer:
         self.config = config
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.data_parallel_size = self.world
+        self.parallel = initialize_parallel(config.parallel.tp, config.parallel.pp, config.parallel.sequence_parallel)
+        self.tensor_parallel = TensorParallel.from_state(self.parallel)
+        self.data_parallel_size = self.parallel.dp
         self.grad_accum = config.gradient_accumulation_steps(self.data_parallel_size)
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.model_config = config.model_config()
+        # Every rank draws the full tensors from the same seed and keeps its TP shard; ZeRO then
+        # shards over the data-parallel group.
         torch.manual_seed(config.training.seed)
-        model = LoopLM(self.model_config)  # built whole from the seed, then sharded by ZeRO
+        model = LoopLM(self.model_config, self.tensor_parallel)
+        self.num_parameters = model.num_parameters()
+        self.init_state = self._initialize_from(model)
+        model_parallel = self.parallel.tp * self.parallel.pp > 1
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, config.optimizer.weight_decay),
-            config=deepspeed_config(config, self.grad_accum, self.device))
+            config=deepspeed_config(config, self.grad_accum, self.device), mpu=self.parallel if model_parallel else None)
         self.total_steps = config.train_steps
         self.samples_per_step = config.global_batch_size
         # Every validation reads the same batches, so one validation's worth of samples is built.
@@ -91,10 +101,32 @@ class Trainer:
         self.stop_requested = False
         self.nonfinite_steps_in_a_row = 0
 
+    def _initialize_from(self, model: LoopLM) -> Optional[TrainerState]:
+        """training.init_from: full weights from a consolidated model (this rank's TP shard of
+        each), unless the run already has checkpoints to resume. Returns the trainer state to
+        continue from, if that is asked for."""
+        source = self.config.training.init_from
+        if source is None or latest_tag(self.checkpoint_dir) is not None:
+            return None
+        tp = self.tensor_parallel
+        try:
+            shards = read_rank_state(source, tp.rank, tp.size)  # a directory split at this TP degree
+            if shards is not None:
+                model.load_state_dict(shards)
+            else:
+                model.load_full_state_dict(read_full_state(source))
+        except RuntimeError as e:
+            raise ConfigError(f"training.init_from: {source} does not fit model {self.config.model}: {e}") from None
+        saved = read_trainer_state(source)
+        if not (self.config.training.init_from_continues and saved is not None):
+            return None
+        return TrainerState(**saved["state"])
+
     # --- data ---------------------------------------------------------------------------------
     def _loader(self, dataset, consumed: int, global_batch: int) -> Iterator[dict]:
+        # The TP ranks of one replica read the same batches.
         sampler = PretrainingSampler(len(dataset), global_batch, self.config.training.micro_batch_size,
-                                     self.rank, self.data_parallel_size, consumed)
+                                     self.parallel.dp_rank, self.data_parallel_size, consumed)
         return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch))
 
     def _forward(self, batch: dict):
@@ -108,12 +140,16 @@ class Trainer:
         resumed = load_checkpoint(self.engine, self.checkpoint_dir)
         if resumed is not None:
             self.state = resumed
+        elif self.init_state is not None:
+            self.state = self.init_state
         logger = MetricsLogger(self.run_dir, self.total_steps, is_main(), config.wandb, to_dict(config), self.state.step)
         if is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            origin = f"resumed at step {self.state.step}" if resumed else "from scratch"
+            origin = (f"resumed at step {self.state.step}" if resumed else
+                      f"from {config.training.init_from} at step {self.state.step}" if config.training.init_from else "from scratch")
+            layout = f"TP={self.parallel.tp}{' with SP' if self.tensor_parallel.sequence_parallel else ''} x DP={self.parallel.dp}"
             print(f"pretraining {self.model_config.num_hidden_layers} layers x {self.model_config.total_ut_steps} loops, "
-                  f"{sum(getattr(p, 'ds_numel', p.numel()) for p in self.engine.module.parameters()):,} parameters on {self.world} x {self.device.type}, "
+                  f"{self.num_parameters:,} parameters on {self.world} x {self.device.type} ({layout}), "
                   f"ZeRO-{self.engine.zero_optimization_stage()}, {self.total_steps} steps of {self.samples_per_step} samples, {origin}", flush=True)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         data = self._loader(self.train_data, self.state.consumed_samples, self.samples_per_step)
@@ -191,7 +227,7 @@ class Trainer:
         of zero gradients at learning rate 0: every parameter stays as it is (Adam's moment
         estimates decay by one step). True if the step is skipped."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        norm = global_grad_norm(params, self.tensor_parallel)
         window.grad_norm = norm
         if math.isfinite(norm):
             return False
@@ -260,7 +296,7 @@ class _Window:
         if dist.is_initialized():
             dist.all_reduce(values)
         values /= self.count * trainer.world
-        tokens_per_s = self.tokens * trainer.world / max(self.seconds, 1e-9)
+        tokens_per_s = self.tokens * trainer.data_parallel_size / max(self.seconds, 1e-9)
         seq = trainer.config.data.seq_length
         flops_per_device = training_flops_per_token(trainer.model_config, seq) * tokens_per_s / trainer.world
         metrics = {

@@ -13,53 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from looplm_mega.config import from_dict, load_yaml, save_yaml
-from looplm_mega.data.indexed import IndexedDatasetWriter
+from looplm_mega.config import load_yaml, save_yaml
 from looplm_mega.model import LoopLM, LoopLMConfig
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.consolidate import consolidate
 
 from tests.distributed import run_distributed
-
-MODEL = {"preset": "tiny", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-         "num_attention_heads": 4, "num_key_value_heads": 4}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    prefix = tmp_path_factory.mktemp("data") / "tokens"
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, np.uint16) as writer:
-        for _ in range(300):
-            writer.add_document(rng.integers(1, 512, rng.integers(20, 200)))
-    return str(prefix)
-
-
-def run_config(dataset: str, run_dir: Path, **sections) -> RunConfig:
-    data = {"run_dir": str(run_dir), "model": MODEL, "wandb": {"mode": "disabled"},
-            "data": {"prefixes": [dataset], "seq_length": 32, "split": "90,10"},
-            "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_steps": 6, "log_interval": 1,
-                         "eval_iters": 2, "save_interval": 3},
-            "optimizer": {"lr": 1e-3}, "schedule": {"kind": "cosine", "warmup_steps": 2}}
-    for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
-    return from_dict(RunConfig, data)
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
-
-
-def _pretrain(config: RunConfig) -> None:
-    from looplm_mega.training.trainer import pretrain
-
-    pretrain(config)
-
-
-def _pretrain_each(configs: list) -> None:
-    for config in configs:
-        _pretrain(config)
+from tests.training.runs import _pretrain, _pretrain_each, run_config, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +42,7 @@ def test_zero3_matches_zero0_on_two_processes(dataset, zero3_run, tmp_path):
     for name, tensor in states[0].items():
         torch.testing.assert_close(states[1][name], tensor, rtol=1e-4, atol=1e-5)
     model = LoopLM(load_yaml(LoopLMConfig, models[1] / "config.yaml"))
-    model.load_state_dict(states[1])
+    model.load_full_state_dict(states[1])
 
 
 def test_resume_under_zero3_equals_the_uninterrupted_run_bit_for_bit(dataset, zero3_run, tmp_path):

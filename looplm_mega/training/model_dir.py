@@ -1,0 +1,104 @@
+"""The model directory: what consolidation writes and what `training.init_from` reads.
+
+    config.yaml                      the LoopLMConfig
+    trainer_state.json               step and consumed samples of the checkpoint it came from (optional)
+    model.safetensors                full tensors, released names and shapes            (TP = 1)
+  or
+    model-tp00-of-04.safetensors     TP shards (vocabulary padded), released names       (TP = 4)
+    ...
+
+A split directory lets each rank of a run at that TP degree read only its own shard (memory
+bounded by the shard); any other degree reads the shards and re-splits them. Directories are
+assembled under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from looplm_mega.config import load_yaml, save_yaml
+from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.parallel.tensor_parallel import merge, padded_vocab_size, shard
+
+FULL = "model.safetensors"
+
+
+def shard_file(rank: int, tp: int) -> str:
+    return f"model-tp{rank:02d}-of-{tp:02d}.safetensors"
+
+
+def tensor_parallel_degree(model_dir: Path) -> int:
+    """1 for a full model, else the number of TP shard files; an error for anything else."""
+    model_dir = Path(model_dir)
+    if (model_dir / FULL).exists():
+        return 1
+    degrees = {int(m.group(1)) for f in model_dir.glob("model-tp*-of-*.safetensors")
+               if (m := re.fullmatch(r"model-tp\d+-of-(\d+)\.safetensors", f.name))}
+    if len(degrees) != 1:
+        raise FileNotFoundError(f"{model_dir}: neither {FULL} nor one complete set of model-tpXX-of-NN.safetensors")
+    tp = degrees.pop()
+    missing = [shard_file(r, tp) for r in range(tp) if not (model_dir / shard_file(r, tp)).exists()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir}: TP shards missing: {', '.join(missing)}")
+    return tp
+
+
+def write_model_dir(output_dir: str | Path, state: dict[str, torch.Tensor], config: LoopLMConfig,
+                    trainer_state: Optional[dict] = None, tp: int = 1) -> Path:
+    """Write full tensors (released shapes) as one file, or split into `tp` shard files."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        padded = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by)
+        for rank in range(tp):
+            # safetensors refuses tensors that share memory (a tied head): each is stored on its own.
+            tensors = {n: shard(t, n, rank, tp, padded if tp > 1 else None).detach().clone().contiguous()
+                       for n, t in state.items()}
+            save_file(tensors, str(staging / (FULL if tp == 1 else shard_file(rank, tp))))
+        save_yaml(config, staging / "config.yaml")
+        if trainer_state is not None:
+            (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)
+    return output_dir
+
+
+def read_config(model_dir: str | Path) -> LoopLMConfig:
+    return load_yaml(LoopLMConfig, Path(model_dir) / "config.yaml")
+
+
+def read_trainer_state(model_dir: str | Path) -> Optional[dict]:
+    path = Path(model_dir) / "trainer_state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_full_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full tensors with the released shapes, whichever way the directory is split."""
+    model_dir = Path(model_dir)
+    tp = tensor_parallel_degree(model_dir)
+    if tp == 1:
+        return load_file(str(model_dir / FULL))
+    vocab_size = read_config(model_dir).vocab_size
+    shards = [load_file(str(model_dir / shard_file(r, tp))) for r in range(tp)]
+    return {name: merge([s[name] for s in shards], name, vocab_size) for name in shards[0]}
+
+
+def read_rank_state(model_dir: str | Path, rank: int, tp: int) -> Optional[dict[str, torch.Tensor]]:
+    """This rank's shards straight from a directory split at the same TP degree (padded as the model
+    is), or None when the directory is split otherwise (then read_full_state and shard)."""
+    if tensor_parallel_degree(Path(model_dir)) != tp or tp == 1:
+        return None
+    return load_file(str(Path(model_dir) / shard_file(rank, tp)))
