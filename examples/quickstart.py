@@ -5,11 +5,11 @@
 2. a 4096-token byte-level BPE tokenizer trained on it with `tokenizers`;
 3. tools/preprocess_data.py: the corpus to Megatron .bin/.idx shards;
 4. `deepspeed --num_gpus 2 --module looplm_mega.pretrain` with configs/run/tiny_cpu.yaml: the tiny
-   LoopLM (2 shared layers x 4 loops), ZeRO-2, two gloo processes, validation CE per loop step;
+   LoopLM (1 shared layer x 4 loops), ZeRO-2, two gloo processes, validation CE per loop step;
 5. tools/convert_checkpoint.py: the checkpoint to one safetensors model;
 6. a few lines generated from a prompt.
 
-    python examples/quickstart.py [--out runs/quickstart] [--steps 200] [--processes 2] [--section.field value ...]
+    python examples/quickstart.py [--out runs/quickstart] [--steps 300] [--processes 2] [--section.field value ...]
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from looplm_mega.config import load_yaml  # noqa: E402
 from looplm_mega.data.stdlib_corpus import stdlib_documents, write_stdlib_jsonl  # noqa: E402
 from looplm_mega.data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
-from looplm_mega.model import LoopLM, LoopLMConfig  # noqa: E402
+from looplm_mega.model import LoopLM  # noqa: E402
+from looplm_mega.training.model_dir import read_config, read_full_state  # noqa: E402
 
 
 def run(command: list[str]) -> None:
@@ -53,7 +52,7 @@ def generate(model: LoopLM, tokenizer, prompt: str, new_tokens: int, temperature
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run config's)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--corpus-mb", type=float, default=None, help="use only this much of the corpus")
     parser.add_argument("--vocab-size", type=int, default=4096)
@@ -74,7 +73,7 @@ def main(argv=None) -> None:
     run(["deepspeed", "--num_gpus", str(args.processes), "--module", "looplm_mega.pretrain",
          "--config", "configs/run/tiny_cpu.yaml", "--run_dir", str(run_dir),
          f"--data.prefixes=[{out / 'data' / 'stdlib_text_document'}]", "--model.vocab_size", str(args.vocab_size),
-         "--training.train_steps", str(args.steps), *overrides])
+         *(["--training.train_steps", str(args.steps)] if args.steps else []), *overrides])
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_step = [r for r in records if r["split"] == "valid"][-1]["ce_per_step"]
@@ -82,8 +81,8 @@ def main(argv=None) -> None:
     print(f"loop {len(per_step)} vs loop 1: {per_step[-1] - per_step[0]:+.3f} nats")
 
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(out / "model")])
-    model = LoopLM(load_yaml(LoopLMConfig, out / "model" / "config.yaml")).eval()
-    model.load_full_state_dict(load_file(str(out / "model" / "model.safetensors")))
+    model = LoopLM(read_config(out / "model")).eval()
+    model.load_full_state_dict(read_full_state(out / "model"))
     tokenizer = load_tokenizer(out / "tokenizer.json")
     for prompt in ("def ", "import "):
         print(f"\n--- {prompt!r} ->\n{generate(model, tokenizer, prompt, 48)}")

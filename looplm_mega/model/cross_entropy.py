@@ -90,7 +90,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Two chunk-sized buffers reused by every chunk: a fresh allocation of this size per chunk
         # would be page-faulted in anew each time (it is far above malloc's mmap threshold).
         logits_buf = torch.empty(chunk_tokens, local_vocab, dtype=compute_dtype, device=device)
-        shifted_buf = torch.empty(chunk_tokens, local_vocab, dtype=torch.float32, device=device)
+        # Softmax statistics are fp32: in place on the logits when they are fp32 already.
+        fp32_logits = compute_dtype == torch.float32
+        shifted_buf = logits_buf if fp32_logits else torch.empty(chunk_tokens, local_vocab, dtype=torch.float32, device=device)
         ce = torch.empty(num_tokens, dtype=torch.float32, device=device)
         if needs_grad:
             grad_hidden = torch.empty(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device)
@@ -106,7 +108,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             y_here = torch.where(here, y, 0)
             logits = torch.mm(h, w.T, out=logits_buf[: end - start])
             shifted = shifted_buf[: end - start]
-            shifted.copy_(logits)
+            if not fp32_logits:
+                shifted.copy_(logits)
             if valid_columns < local_vocab:
                 shifted[:, valid_columns:] = float("-inf")
             # Softmax over the whole vocabulary: a global max, then one all-reduce carrying both
@@ -123,7 +126,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # to the [chunk, hidden] operands and results rather than to the [chunk, vocab] matrix.
             grad_logits = shifted.div_(sum_exp.unsqueeze(1))
             grad_logits[rows[here], y_here[here]] -= 1.0
-            g = grad_logits if compute_dtype == torch.float32 else logits.copy_(grad_logits)
+            g = grad_logits if fp32_logits else logits.copy_(grad_logits)
             scale = (token_weights[start:end].float() * valid).unsqueeze(1)
             torch.mm(g, w, out=grad_hidden[start:end]).mul_(scale.to(compute_dtype))
             scaled_h = h * scale.to(compute_dtype)

@@ -3,10 +3,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from looplm_mega.config import load_yaml
-from looplm_mega.model import LoopLM, LoopLMConfig
+from looplm_mega.model import LoopLM
+from looplm_mega.training.model_dir import read_config, read_full_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +29,6 @@ def test_quickstart_pipeline_at_reduced_size(tmp_path, capfd):
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
     assert len([r for r in records if r["split"] == "valid"][-1]["ce_per_step"]) == 4
     assert (out / "data" / "stdlib_text_document.idx").exists()
-    model = LoopLM(load_yaml(LoopLMConfig, out / "model" / "config.yaml"))
-    model.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
+    model = LoopLM(read_config(out / "model"))
+    model.load_full_state_dict(read_full_state(out / "model"))
     assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).hidden_states[-1]).all()
