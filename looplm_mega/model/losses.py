@@ -97,3 +97,71 @@ def stage2_loss(
         exit_entropy=_mean_over_valid(exit_entropy(log_p), valid, count),
         mean_exit_step=_mean_over_valid(expected_exit_step(log_p), valid, count),
     )
+
+
+@dataclass
+class LoopReadout:
+    """The Stage I objective one loop at a time, for a pipeline whose read-out of loop t happens
+    before loop t + 1 exists. Exact, because p(t|x) depends on the gates of loops 1..t only (the
+    last loop takes the remaining mass): the carried survival log S_{t-1} is all that is needed.
+    Summed over t, `loss` equals stage1_loss's (tested)."""
+
+    loss: torch.Tensor  # this loop's share of the objective
+    log_survival: torch.Tensor  # [N] log S_t, to carry into the next loop
+    token_ce: torch.Tensor  # [N] this loop's per-token CE (detached), to carry (Stage II needs it)
+    ce: torch.Tensor  # mean CE of this loop over valid tokens (detached)
+    entropy: torch.Tensor  # this loop's share of mean H(p) (detached)
+    exit_step: torch.Tensor  # this loop's share of mean E[t] (detached)
+
+
+def stage1_loop_readout(
+    hidden: torch.Tensor, gate_logits: torch.Tensor, log_survival: torch.Tensor, labels: torch.Tensor,
+    cross_entropy: WeightedCrossEntropy, beta: float, step: int, num_steps: int,
+) -> LoopReadout:
+    """hidden [N, H] (normed read-out of loop `step`, counted from 0), gate_logits [N], log_survival
+    [N] (log S_{step-1}; zeros before the first loop), labels [N]."""
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    z = gate_logits.float()
+    last = step == num_steps - 1
+    log_p = log_survival if last else F.logsigmoid(z) + log_survival
+    p = log_p.exp()
+    weighted_ce, ce = cross_entropy(hidden, labels, p * valid / count)
+    entropy = -(p * log_p * valid).sum() / count
+    return LoopReadout(
+        loss=weighted_ce - beta * entropy,
+        log_survival=log_survival + F.logsigmoid(-z),
+        token_ce=ce,
+        ce=(ce * valid).sum() / count,
+        entropy=entropy.detach(),
+        exit_step=((step + 1) * p.detach() * valid).sum() / count,
+    )
+
+
+def stage2_loop_readout(
+    hidden: torch.Tensor, gate_logits: torch.Tensor, log_survival: torch.Tensor, previous_ce: torch.Tensor,
+    labels: torch.Tensor, cross_entropy: WeightedCrossEntropy, step: int, num_steps: int,
+) -> LoopReadout:
+    """Stage II one loop at a time: this loop's term of stage2_gate_loss (from loop 2 on, it needs the
+    previous loop's per-token CE, carried as previous_ce). The CE runs without gradient; the caller
+    gives the gate a detached hidden state."""
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    with torch.no_grad():
+        _, ce = cross_entropy(hidden.detach(), labels, torch.zeros(labels.shape, device=hidden.device))
+    z = gate_logits.float()
+    log_z = log_survival.detach() if step == num_steps - 1 else F.logsigmoid(z.detach()) + log_survival.detach()
+    p = log_z.exp()
+    loss = z.new_zeros(())
+    if step > 0:
+        target_continue = torch.sigmoid(STAGE2_K * ((previous_ce - ce).clamp(min=0) - STAGE2_GAMMA))
+        per_token = -(target_continue * F.logsigmoid(-z) + (1 - target_continue) * F.logsigmoid(z))
+        loss = (per_token * valid).sum() / count / num_steps
+    return LoopReadout(
+        loss=loss,
+        log_survival=(log_survival + F.logsigmoid(-z)).detach(),
+        token_ce=ce,
+        ce=(ce * valid).sum() / count,
+        entropy=-(p * log_z * valid).sum() / count,
+        exit_step=((step + 1) * p * valid).sum() / count,
+    )

@@ -4,7 +4,7 @@ import torch
 
 from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
-from looplm_mega.model.losses import stage1_loss, stage2_gate_loss
+from looplm_mega.model.losses import stage1_loop_readout, stage1_loss, stage2_gate_loss, stage2_loop_readout
 
 from tests.helpers import build_model
 
@@ -96,3 +96,30 @@ def test_stage2_trains_only_the_gate():
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
     assert out.per_step_loss.shape == (3,)
+
+
+def test_loop_by_loop_readouts_sum_to_the_whole_objectives():
+    """The pipeline forms the objectives one loop at a time; summed, they are the whole ones, and
+    so are their gradients."""
+    h, w, z, y = _problem(steps=4)
+    head = _head(w, fused=True, chunk_tokens=4)
+    for objective in ("stage1", "stage2"):
+        z_whole, z_loops = z.clone().requires_grad_(), z.clone().requires_grad_()
+        if objective == "stage1":
+            whole = stage1_loss(h, exit_log_probs(z_whole), y, head, beta=0.1).loss
+        else:
+            ce = _hand_ce(h, w, y)
+            whole = stage2_gate_loss(ce, z_whole, y)
+        total = torch.zeros((), dtype=torch.float64)
+        log_survival, previous_ce = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+        for t in range(4):
+            if objective == "stage1":
+                readout = stage1_loop_readout(h[t], z_loops[t], log_survival, y, head, 0.1, t, 4)
+            else:
+                readout = stage2_loop_readout(h[t], z_loops[t], log_survival, previous_ce, y, head, t, 4)
+            total = total + readout.loss
+            log_survival, previous_ce = readout.log_survival, readout.token_ce
+        torch.testing.assert_close(total.double(), whole.double(), rtol=1e-6, atol=1e-6)  # the exit distribution is formed in fp32
+        whole.backward()
+        total.backward()
+        torch.testing.assert_close(z_loops.grad, z_whole.grad, rtol=1e-6, atol=1e-6)  # the exit distribution is formed in fp32
