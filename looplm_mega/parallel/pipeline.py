@@ -80,7 +80,7 @@ class LoopStage(nn.Module):
         self.step, self.rank, self.pp = step, rank, pp
         self.num_steps = model.config.total_ut_steps
         self.objective, self.beta = objective, beta
-        self.readouts = readouts  # (step, CE, entropy share, exit-step share) of every read-out: metrics
+        self.readouts = readouts  # (step, CE, entropy share, exit-step share, mean gate) of every read-out
         layers = model.model.layers
         self.layers = list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
@@ -119,7 +119,8 @@ class LoopStage(nn.Module):
             else:
                 readout = stage1_loop_readout(hidden, gate_logits, log_survival.flatten(), flat_labels,
                                               model.lm_head, self.beta, self.step, self.num_steps)
-            self.readouts.append((self.step, readout.ce, readout.entropy, readout.exit_step))
+            gate_mean = torch.sigmoid(gate_logits.detach().float()).mean()
+            self.readouts.append((self.step, readout.ce, readout.entropy, readout.exit_step, gate_mean))
             loss = loss + readout.loss
             log_survival = readout.log_survival.view_as(log_survival)
             previous_ce = readout.token_ce.view_as(previous_ce)
@@ -147,6 +148,14 @@ class LoopedPipeline:
                                              output_args=outputs, group=group))
         # The loss of a micro-batch is its mean over tokens; the step's is the mean over micro-batches.
         self.schedule = ScheduleInterleaved1F1B(self.stages, micro_batches, loss_fn=self._loss, scale_grads=False)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Analytic idle fraction of the interleaved 1F1B schedule: (P - 1) / (T m + P - 1) for m
+        micro-batches through T virtual stages per rank (Megatron's (P - 1) / (v m), as a share of
+        the whole step)."""
+        steps = self.model.config.total_ut_steps
+        return (self.pp - 1) / (steps * self.micro_batches + self.pp - 1)
 
     def _example_io(self, stage: LoopStage, shape: tuple[int, int], device: torch.device):
         """What a stage receives and sends, given up front: torch would otherwise infer it by running
@@ -181,14 +190,23 @@ class LoopedPipeline:
         self.schedule.step(input_ids, target=labels, losses=losses, return_outputs=False, **kwargs)
         return self._summary(losses) if self.is_last else {}
 
+    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> dict:
+        """Forward only over the micro-batches; the same summary as train_step."""
+        self.readouts.clear()
+        kwargs = {"labels": labels} if segment_ids is None else {"labels": labels, "segment_ids": segment_ids}
+        losses: list = []
+        self.schedule.eval(input_ids, target=labels, losses=losses, return_outputs=False, **kwargs)
+        return self._summary(losses) if self.is_last else {}
+
     def _summary(self, losses: list) -> dict:
         steps = self.model.config.total_ut_steps
-        ce = torch.zeros(steps)
+        ce, gates = torch.zeros(steps), torch.zeros(steps)
         entropy = exit_step = 0.0
-        for step, step_ce, step_entropy, step_exit in self.readouts:
+        for step, step_ce, step_entropy, step_exit, gate_mean in self.readouts:
             ce[step] += float(step_ce)
+            gates[step] += float(gate_mean)
             entropy += float(step_entropy)
             exit_step += float(step_exit)
         n = self.micro_batches
         return {"loss": float(sum(loss.detach() for loss in losses)), "per_step_loss": ce / n,
-                "exit_entropy": entropy / n, "mean_exit_step": exit_step / n}
+                "exit_entropy": entropy / n, "mean_exit_step": exit_step / n, "gate_mean_per_step": gates / n}

@@ -136,9 +136,10 @@ class TensorParallel:
         return comm.gather_replicated(logits, logits.ndim - 1, self.group)
 
 
-def global_grad_norm(params, tp: TensorParallel) -> float:
+def global_grad_norm(params, tp: TensorParallel, pipeline_group=None) -> float:
     """The L2 norm of the whole model's gradient: split parameters contribute the square sums of
-    every shard (summed over the TP group), replicated ones count once."""
+    every shard (summed over the TP group), replicated ones count once; with a pipeline group, the
+    disjoint parts of the pipeline ranks are summed too."""
     with_grad = [p for p in params if p.grad is not None]
     split = [p.grad for p in with_grad if getattr(p, "tensor_model_parallel", False)]
     replicated = [p.grad for p in with_grad if not getattr(p, "tensor_model_parallel", False)]
@@ -149,4 +150,6 @@ def global_grad_norm(params, tp: TensorParallel) -> float:
     if tp.enabled:
         squares[1] /= tp.size  # identical on every rank: summed tp times below
         dist.all_reduce(squares, group=tp.group)
+    if pipeline_group is not None:
+        dist.all_reduce(squares, group=pipeline_group)
     return float(squares.sum().sqrt())

@@ -21,6 +21,7 @@ from typing import Literal, Optional, Sequence
 from looplm_mega.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
 from looplm_mega.data.config import DataConfig
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.parallel.pipeline import check_pipeline
 from looplm_mega.parallel.tensor_parallel import check_tensor_parallel
 
 
@@ -142,8 +143,6 @@ class ParallelConfig:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be at least 1")
-        if self.pp > 1:
-            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
 
 
 @dataclass
@@ -169,6 +168,12 @@ class RunConfig:
     def __post_init__(self):
         # Model and parallel layout are checked here, before any process group work.
         check_tensor_parallel(self.model_config(), self.parallel.tp, self.data.seq_length, self.parallel.sequence_parallel)
+        check_pipeline(self.model_config(), self.parallel.pp)
+        if self.parallel.pp > 1 and self.deepspeed.resolved_zero_stage() > 1:
+            raise ConfigError(f"deepspeed.zero_stage={self.deepspeed.resolved_zero_stage()} with parallel.pp={self.parallel.pp}: "
+                              "pipelines shard optimizer states only (ZeRO-1, as DeepSpeed allows); set deepspeed.zero_stage 0 or 1")
+        if self.parallel.pp > 1 and (self.deepspeed.offload_optimizer or self.deepspeed.offload_param):
+            raise ConfigError("deepspeed offload with parallel.pp > 1: not available; the pipeline engine keeps its states on the device")
         if self.training.global_batch_tokens is not None and self.training.global_batch_tokens % self.data.seq_length:
             raise ConfigError(
                 f"training.global_batch_tokens={self.training.global_batch_tokens} is not a multiple of "

@@ -45,10 +45,26 @@ def _rank_state_dict(path: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in torch.load(model_file, map_location="cpu", weights_only=False)["module"].items()}
 
 
+def _pipeline_state_dict(path: Path, vocab_size: int) -> dict[str, torch.Tensor]:
+    """A pipelined checkpoint (training/pipeline_engine.py): each pipeline rank's TP shards merged,
+    then the ranks' disjoint parts joined."""
+    files = sorted(path.glob("pp_rank_*_mp_rank_*_model_states.pt"))
+    by_stage: dict[str, list[Path]] = {}
+    for f in files:
+        by_stage.setdefault(f.name.split("_mp_rank_")[0], []).append(f)
+    state: dict[str, torch.Tensor] = {}
+    for stage_files in by_stage.values():
+        ranks = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in sorted(stage_files)]
+        state.update({name: merge([r[name] for r in ranks], name, vocab_size).float() for name in ranks[0]})
+    return state
+
+
 def consolidated_state_dict(checkpoint_dir: Path, tag: str, vocab_size: int) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from the shards of `checkpoint_dir/tag`: TP shards merged,
-    vocabulary padding removed."""
+    pipeline parts joined, vocabulary padding removed."""
     path = checkpoint_dir / tag
+    if any(path.glob("pp_rank_*_model_states.pt")):
+        return _pipeline_state_dict(path, vocab_size)
     ranks = [_rank_state_dict(path, r) for r in _model_parallel_ranks(path)]
     return {name: merge([rank[name] for rank in ranks], name, vocab_size) for name in ranks[0]}
 

@@ -5,6 +5,7 @@ is a world of one. NCCL on GPUs, gloo on CPU."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -48,7 +49,17 @@ def init_distributed() -> torch.device:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        atexit.register(_leave_process_groups)
     return device
+
+
+def _leave_process_groups() -> None:
+    """At interpreter exit (no barrier: a rank that failed must not hang the others). Groups left
+    to the C++ teardown can abort the process ("terminate called without an active exception")
+    while their gloo threads are destroyed. Not earlier: DeepSpeed caches the groups, and a
+    process may run several trainings (tests do)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:

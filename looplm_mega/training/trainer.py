@@ -21,6 +21,7 @@ from looplm_mega.data.gpt_dataset import collate_batch
 from looplm_mega.data.sampler import PretrainingSampler
 from looplm_mega.model import LoopLM, training_flops_per_token
 from looplm_mega.model.flops import device_peak_flops
+from looplm_mega.parallel.pipeline import build_pipeline_model, check_pipeline
 from looplm_mega.parallel.state import initialize_parallel
 from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
 from looplm_mega.training.checkpoint import TrainerState, latest_tag, load_checkpoint, save_checkpoint
@@ -28,6 +29,7 @@ from looplm_mega.training.config import RunConfig
 from looplm_mega.training.distributed import all_true, init_distributed, is_main
 from looplm_mega.training.metrics import MetricsLogger
 from looplm_mega.training.model_dir import read_full_state, read_rank_state, read_trainer_state
+from looplm_mega.training.pipeline_engine import PipelineEngine
 from looplm_mega.training.schedules import learning_rate
 
 
@@ -76,20 +78,37 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.model_config = config.model_config()
-        # Every rank draws the full tensors from the same seed and keeps its TP shard; ZeRO then
-        # shards over the data-parallel group.
+        # Every rank draws the full tensors from the same seed and keeps its TP shard (and, under
+        # PP, its layers); ZeRO then shards over the data-parallel group.
         torch.manual_seed(config.training.seed)
-        model = LoopLM(self.model_config, self.tensor_parallel)
-        self.num_parameters = model.num_parameters()
+        self.pipelined = self.parallel.pp > 1
+        if self.pipelined:
+            check_pipeline(self.model_config, self.parallel.pp, self.grad_accum)
+            model = build_pipeline_model(self.model_config, self.parallel.pp_rank, self.parallel.pp, self.tensor_parallel)
+        else:
+            model = LoopLM(self.model_config, self.tensor_parallel)
+        self.num_parameters = self._count_parameters(model)
         self.init_state = self._initialize_from(model)
-        model_parallel = self.parallel.tp * self.parallel.pp > 1
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=parameter_groups(model, config.optimizer.weight_decay),
-            config=deepspeed_config(config, self.grad_accum, self.device), mpu=self.parallel if model_parallel else None)
+        groups = parameter_groups(model, config.optimizer.weight_decay)
+        if self.pipelined:
+            opt = config.optimizer
+            self.engine = PipelineEngine(model, self.parallel, groups, {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps},
+                                         config.deepspeed.resolved_zero_stage(), opt.grad_clip, self.grad_accum,
+                                         (config.training.micro_batch_size, config.data.seq_length), self.device,
+                                         config.training.objective, config.training.precision)
+        else:
+            model_parallel = self.parallel.tp > 1
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=groups, config=deepspeed_config(config, self.grad_accum, self.device),
+                mpu=self.parallel if model_parallel else None)
         self.total_steps = config.train_steps
         self.samples_per_step = config.global_batch_size
-        # Every validation reads the same batches, so one validation's worth of samples is built.
-        eval_samples = config.training.eval_iters * config.training.micro_batch_size * self.data_parallel_size
+        # Every validation reads the same batches, so one validation's worth of samples is built
+        # (a pipeline evaluates whole rounds of grad_accum micro-batches).
+        self.eval_iters = config.training.eval_iters
+        if self.pipelined:
+            self.eval_iters = -(-self.eval_iters // self.grad_accum) * self.grad_accum
+        eval_samples = self.eval_iters * config.training.micro_batch_size * self.data_parallel_size
         if config.data.split_ratios[1] == 0:
             eval_samples = 0  # no validation split: no validation
         # Spare global batches stand in for micro-batches dropped for a non-finite loss.
@@ -101,6 +120,13 @@ class Trainer:
         self.stop_requested = False
         self.nonfinite_steps_in_a_row = 0
 
+    def _count_parameters(self, model: LoopLM) -> int:
+        """The whole model's parameters (every TP shard and pipeline part, no vocabulary padding)."""
+        count = torch.tensor([model.num_parameters()], dtype=torch.float64)
+        if self.pipelined:
+            dist.all_reduce(count, group=self.parallel.pp_group)
+        return int(count.item())
+
     def _initialize_from(self, model: LoopLM) -> Optional[TrainerState]:
         """training.init_from: full weights from a consolidated model (this rank's TP shard of
         each), unless the run already has checkpoints to resume. Returns the trainer state to
@@ -111,10 +137,11 @@ class Trainer:
         tp = self.tensor_parallel
         try:
             shards = read_rank_state(source, tp.rank, tp.size)  # a directory split at this TP degree
+            own = model.state_dict().keys()  # under PP, this rank's part of the model
             if shards is not None:
-                model.load_state_dict(shards)
+                model.load_state_dict({n: t for n, t in shards.items() if n in own})
             else:
-                model.load_full_state_dict(read_full_state(source))
+                model.load_full_state_dict({n: t for n, t in read_full_state(source).items() if n in own})
         except RuntimeError as e:
             raise ConfigError(f"training.init_from: {source} does not fit model {self.config.model}: {e}") from None
         saved = read_trainer_state(source)
@@ -147,7 +174,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             origin = (f"resumed at step {self.state.step}" if resumed else
                       f"from {config.training.init_from} at step {self.state.step}" if config.training.init_from else "from scratch")
-            layout = f"TP={self.parallel.tp}{' with SP' if self.tensor_parallel.sequence_parallel else ''} x DP={self.parallel.dp}"
+            layout = (f"TP={self.parallel.tp}{' with SP' if self.tensor_parallel.sequence_parallel else ''} x "
+                      f"PP={self.parallel.pp} x DP={self.parallel.dp}")
+            if self.pipelined:
+                layout += (f"; interleaved 1F1B over {self.model_config.total_ut_steps * self.parallel.pp} virtual stages, "
+                           f"{self.grad_accum} micro-batches, analytic bubble {self.engine.pipeline.bubble_fraction:.1%}")
             print(f"pretraining {self.model_config.num_hidden_layers} layers x {self.model_config.total_ut_steps} loops, "
                   f"{self.num_parameters:,} parameters on {self.world} x {self.device.type} ({layout}), "
                   f"ZeRO-{self.engine.zero_optimization_stage()}, {self.total_steps} steps of {self.samples_per_step} samples, {origin}", flush=True)
@@ -185,6 +216,13 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
+        if self.pipelined:
+            self._pipeline_step(data, window)
+            window.seconds += time.perf_counter() - start
+            window.steps += 1
+            window.lr = lr
+            self.state.step += 1
+            return
         skipped_before = self.engine.skipped_steps
         done, dropped_in_a_row, zero0_skip = 0, 0, False
         while done < self.grad_accum:
@@ -209,6 +247,7 @@ class Trainer:
             self.engine.step()
             window.add(output, batch)
         window.seconds += time.perf_counter() - start
+        window.steps += 1
         window.lr = lr
         if self.engine.zero_optimization_stage() > 0:
             window.grad_norm = self.engine.get_global_grad_norm()
@@ -220,6 +259,28 @@ class Trainer:
         else:
             self.nonfinite_steps_in_a_row = 0
         self.state.step += 1
+
+    def _next_batches(self, data: Iterator[dict], count: int) -> dict:
+        """`count` micro-batches stacked along the batch dimension (the pipeline splits them again)."""
+        batches = [next(data, None) for _ in range(count)]
+        if any(b is None for b in batches):
+            raise RuntimeError(f"step {self.state.step}: the data ran out after {self.state.consumed_samples} samples")
+        return {key: torch.cat([b[key] for b in batches]).to(self.device) for key in batches[0]}
+
+    def _pipeline_step(self, data: Iterator[dict], window: "_Window") -> None:
+        """One optimizer step through the looped pipeline: every micro-batch's forward and backward
+        are interleaved by the schedule, so a non-finite loss or gradient skips the whole step."""
+        batch = self._next_batches(data, self.grad_accum)
+        self.state.consumed_samples += self.grad_accum * self.config.training.micro_batch_size * self.data_parallel_size
+        metrics = self.engine.train_batch(batch["input_ids"], batch["labels"], batch.get("segment_ids"))
+        window.add_metrics(metrics, batch["input_ids"].numel(), self.grad_accum)
+        window.grad_norm = metrics["grad_norm"]
+        if not all_true(not metrics["skipped"], self.device):
+            self.state.skipped_steps += 1
+            self.nonfinite_steps_in_a_row += 1
+            self._check_nonfinite_limit(self.nonfinite_steps_in_a_row, "optimizer steps in a row had a non-finite loss or gradient")
+        else:
+            self.nonfinite_steps_in_a_row = 0
 
     def _zero0_gradient_norm(self, window: "_Window") -> bool:
         """ZeRO-0 clips without keeping the norm, and would apply a non-finite gradient: the norm is
@@ -253,12 +314,17 @@ class Trainer:
         global_batch = training.micro_batch_size * self.data_parallel_size
         data = self._loader(self.valid_data, 0, global_batch)
         total = torch.zeros(self.model_config.total_ut_steps, device=self.device)
-        for _ in range(training.eval_iters):
-            total += self._forward(next(data)).per_step_loss.float()
+        if self.pipelined:
+            for _ in range(self.eval_iters // self.grad_accum):
+                batch = self._next_batches(data, self.grad_accum)
+                total += self.engine.eval_batch(batch["input_ids"], batch["labels"], batch.get("segment_ids")) * self.grad_accum
+        else:
+            for _ in range(self.eval_iters):
+                total += self._forward(next(data)).per_step_loss.float()
         if dist.is_initialized():
             dist.all_reduce(total)
         self.engine.train()
-        per_step = (total / (training.eval_iters * self.world)).tolist()
+        per_step = (total / (self.eval_iters * self.world)).tolist()
         return {"loss": per_step[-1], "ce_per_step": per_step}
 
     def _log_validation(self, logger: MetricsLogger, step: int) -> None:
@@ -278,7 +344,18 @@ class _Window:
 
     def __init__(self):
         self.count, self.loss, self.ce, self.entropy, self.exit_step, self.gates = 0, 0.0, None, 0.0, 0.0, None
-        self.tokens, self.seconds, self.lr, self.grad_norm = 0, 0.0, 0.0, None
+        self.tokens, self.seconds, self.lr, self.grad_norm, self.steps = 0, 0.0, 0.0, None, 0
+
+    def add_metrics(self, metrics: dict, tokens: int, micro_batches: int) -> None:
+        """A pipeline step's means over its micro-batches, counted as that many micro-batches."""
+        self.count += micro_batches
+        self.loss += metrics["loss"] * micro_batches
+        ce, gates = metrics["per_step_loss"] * micro_batches, metrics["gate_mean_per_step"] * micro_batches
+        self.ce = ce if self.ce is None else self.ce + ce
+        self.gates = gates if self.gates is None else self.gates + gates
+        self.entropy += metrics["exit_entropy"] * micro_batches
+        self.exit_step += metrics["mean_exit_step"] * micro_batches
+        self.tokens += tokens
 
     def add(self, output, batch: dict) -> None:
         self.count += 1
@@ -300,6 +377,7 @@ class _Window:
         seq = trainer.config.data.seq_length
         flops_per_device = training_flops_per_token(trainer.model_config, seq) * tokens_per_s / trainer.world
         metrics = {
+            "step_seconds": self.seconds / max(1, self.steps),
             "loss": values[0].item(), "ce_per_step": values[3:].tolist(), "exit_entropy": values[1].item(),
             "mean_exit_step": values[2].item(), "gate_mean_per_step": (self.gates / self.count).tolist(),
             "lr": self.lr, "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
@@ -312,6 +390,8 @@ class _Window:
             peak = device_peak_flops(torch.cuda.get_device_name(), trainer.config.training.precision)
         if peak:
             metrics["mfu"] = flops_per_device / peak
+        if trainer.pipelined:
+            metrics["pipeline_bubble"] = trainer.engine.pipeline.bubble_fraction
         if trainer.device.type == "cuda":
             metrics["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:

@@ -31,6 +31,9 @@ def _pipeline_side_by_side(loops: int, objective: str = "stage1") -> None:
     assert sorted({n.split(".")[2] for n, _ in part.named_parameters() if n.startswith("model.layers.")}) == [
         str(i) for i in owned_layers(4, 2, state.pp_rank)]
     pipeline = LoopedPipeline(part, state.pp_rank, 2, state.pp_group, MICRO_BATCHES, (ROWS, 12), torch.device("cpu"), objective)
+    layer_params = [sum(p.numel() for n, p in m.named_parameters() if n.startswith("model.layers.")) for m in (part, reference)]
+    assert layer_params[0] * 2 == layer_params[1]  # half the shared stack on each rank
+    assert pipeline.bubble_fraction == 1 / (loops * MICRO_BATCHES + 1)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, part)]
     generator = torch.Generator().manual_seed(1)
     for step in range(3):

@@ -1,0 +1,44 @@
+"""The pipeline engine's own duties: clipping to the global norm, skipping non-finite steps."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from looplm_mega.parallel.pipeline import build_pipeline_model
+from looplm_mega.parallel.state import initialize_parallel
+from looplm_mega.training.pipeline_engine import PipelineEngine
+from looplm_mega.training.trainer import parameter_groups
+
+from tests.distributed import run_distributed
+from tests.helpers import tiny_config
+
+
+def _engine_steps() -> None:
+    dist.init_process_group("gloo")
+    state = initialize_parallel(pp=2)
+    torch.manual_seed(0)
+    model = build_pipeline_model(tiny_config(num_hidden_layers=2), state.pp_rank, 2)
+    engine = PipelineEngine(model, state, parameter_groups(model, 0.1), {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8},
+                            zero_stage=0, grad_clip=1e-3, micro_batches=2, micro_batch_shape=(2, 8),
+                            device=torch.device("cpu"), objective="stage1")
+    ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = engine.train_batch(ids, ids, None)
+    assert not metrics["skipped"] and metrics["grad_norm"] > 1e-3 and math.isfinite(metrics["loss"])
+    moved = sum(float((p - before[n]).abs().max()) > 0 for n, p in model.named_parameters())
+    assert moved > 0  # clipped, but a step
+    # A NaN weight on the first rank: a non-finite loss on the last, the step skipped on both.
+    if state.pp_rank == 0:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[ids[0, 0]] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = engine.train_batch(ids, ids, None)
+    assert metrics["skipped"] and engine.skipped_steps == 1 and not math.isfinite(metrics["loss"])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.isnan(), before[n].isnan()) and torch.equal(p.nan_to_num(), before[n].nan_to_num()), n
+    dist.destroy_process_group()
+
+
+def test_pipeline_engine_clips_and_skips_non_finite_steps():
+    run_distributed(_engine_steps, 2, timeout=300)
