@@ -3,6 +3,7 @@
     config.yaml                      the LoopLMConfig
     trainer_state.json               step and consumed samples of the checkpoint it came from (optional)
     model.safetensors                full tensors, released names and shapes            (TP = 1)
+  or model.safetensors.index.json + shards (Hugging Face's layout, read only)
   or
     model-tp00-of-04.safetensors     TP shards (vocabulary padded), released names       (TP = 4)
     ...
@@ -15,8 +16,10 @@ assembled under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -29,6 +32,7 @@ from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.parallel.tensor_parallel import merge, padded_vocab_size, shard
 
 FULL = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"  # Hugging Face's sharded layout (released Ouro directories)
 
 
 def shard_file(rank: int, tp: int) -> str:
@@ -38,7 +42,7 @@ def shard_file(rank: int, tp: int) -> str:
 def tensor_parallel_degree(model_dir: Path) -> int:
     """1 for a full model, else the number of TP shard files; an error for anything else."""
     model_dir = Path(model_dir)
-    if (model_dir / FULL).exists():
+    if (model_dir / FULL).exists() or (model_dir / HF_INDEX).exists():
         return 1
     degrees = {int(m.group(1)) for f in model_dir.glob("model-tp*-of-*.safetensors")
                if (m := re.fullmatch(r"model-tp\d+-of-(\d+)\.safetensors", f.name))}
@@ -90,7 +94,10 @@ def read_full_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     model_dir = Path(model_dir)
     tp = tensor_parallel_degree(model_dir)
     if tp == 1:
-        return load_file(str(model_dir / FULL))
+        if (model_dir / FULL).exists():
+            return load_file(str(model_dir / FULL))
+        files = sorted(set(json.loads((model_dir / HF_INDEX).read_text())["weight_map"].values()))
+        return {name: tensor for f in files for name, tensor in load_file(str(model_dir / f)).items()}
     vocab_size = read_config(model_dir).vocab_size
     shards = [load_file(str(model_dir / shard_file(r, tp))) for r in range(tp)]
     return {name: merge([s[name] for s in shards], name, vocab_size) for name in shards[0]}
@@ -102,3 +109,51 @@ def read_rank_state(model_dir: str | Path, rank: int, tp: int) -> Optional[dict[
     if tensor_parallel_degree(Path(model_dir)) != tp or tp == 1:
         return None
     return load_file(str(Path(model_dir) / shard_file(rank, tp)))
+
+
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class StreamingSafetensorsWriter:
+    """A safetensors file written one tensor at a time. safetensors' own save_file takes every
+    tensor at once; a model grown or converted tensor by tensor would then sit in memory whole.
+    The format is simple and fixed (8-byte little-endian header size, a JSON header of dtypes,
+    shapes and offsets, the raw little-endian bytes), so the header is written from the tensors'
+    specs first and each tensor's bytes follow as it comes, in the order of `specs`."""
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[str, list[int]]]):
+        self.path = Path(path)
+        self.specs = specs
+        header, offset = {}, 0
+        for name, (dtype, shape) in specs.items():
+            size = _SAFETENSORS_DTYPES[dtype] * math.prod(shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        self.header = encoded + b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        self.pending = list(specs)
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(self.header)) + self.header)
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.pending.pop(0) if self.pending else None
+        dtype, shape = self.specs.get(name, (None, None))
+        if name != expected or list(tensor.shape) != list(shape) or _SAFETENSORS_DTYPES.get(dtype) != tensor.element_size():
+            raise ValueError(f"{self.path}: got {name} {tuple(tensor.shape)}, expected {expected} {shape} ({dtype})")
+        self.file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.file.close()
+        if exc_type is None and self.pending:
+            exc_type = ValueError
+            self.tmp.unlink()
+            raise ValueError(f"{self.path}: {len(self.pending)} tensors never written, first {self.pending[0]}")
+        if exc_type is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

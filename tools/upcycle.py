@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Grow a LoopLM's shared layer stack by an integer factor (Ouro's 1.4B -> 2.6B: 24 -> 48 layers).
+
+    python tools/upcycle.py --source runs/ouro_1_4b/checkpoints --output runs/ouro_2_6b_init --factor 2 \
+        [--order stacked|interleaved] [--keep-progress] [--check-data data/web_text_document]
+
+--source: a run's checkpoints/ directory (any ZeRO stage, TP or PP degree; consolidated first), a
+model directory (tools/convert_checkpoint.py output) or a Hugging Face Ouro directory
+(config.json + safetensors). The output is a model directory; a run starts from it with
+`--training.init_from OUTPUT` at any TP / PP degree, with fresh optimizer states (--keep-progress
+also carries the step and consumed samples). It then prints a function check: the CE of every loop
+step of the original and the grown model on a few batches (of --check-data, else random tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.model import LoopLM  # noqa: E402
+from looplm_mega.training.model_dir import read_config, read_full_state  # noqa: E402
+from looplm_mega.training.upcycle import read_source_config, upcycle  # noqa: E402
+
+
+def _batches(config, data: str | None, count: int, seq: int) -> list[torch.Tensor]:
+    if data is None:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.randint(0, config.vocab_size, (2, seq + 1), generator=generator) for _ in range(count)]
+    from looplm_mega.data.indexed import IndexedDataset
+
+    tokens = IndexedDataset(data)
+    stream = torch.cat([torch.from_numpy(tokens[i].astype("int64")) for i in range(min(len(tokens), 200))])
+    need = count * 2 * (seq + 1)
+    if len(stream) < need:
+        raise ValueError(f"--check-data {data}: {len(stream)} tokens in its first documents, {need} needed")
+    return list(stream[:need].view(count, 2, seq + 1))
+
+
+@torch.no_grad()
+def per_loop_ce(model_dir: Path, config, batches: list[torch.Tensor]) -> list[float]:
+    model = LoopLM(config).eval()
+    model.load_full_state_dict(read_full_state(model_dir))
+    total = torch.zeros(config.total_ut_steps)
+    for batch in batches:
+        total += model(batch[:, :-1], labels=batch[:, 1:]).per_step_loss
+    return (total / len(batches)).tolist()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--factor", type=int, default=2)
+    parser.add_argument("--order", choices=["stacked", "interleaved"], default="stacked")
+    parser.add_argument("--tag", default=None, help="checkpoint of a checkpoints/ directory (default: the latest)")
+    parser.add_argument("--keep-progress", action="store_true", help="carry the step and consumed samples")
+    parser.add_argument("--check-data", default=None, help="a .bin/.idx prefix for the function check")
+    parser.add_argument("--check-batches", type=int, default=4)
+    parser.add_argument("--check-seq-length", type=int, default=128)
+    parser.add_argument("--no-check", action="store_true", help="skip the function check (it loads both models)")
+    args = parser.parse_args(argv)
+    source = Path(args.source)
+    with tempfile.TemporaryDirectory(dir=Path(args.output).resolve().parent) as scratch:
+        if (source / "latest").exists() or any(source.glob("step*/trainer_state.json")):
+            from looplm_mega.training.consolidate import consolidate
+
+            source = consolidate(source, Path(scratch) / "consolidated", args.tag)
+        try:
+            out = upcycle(source, args.output, args.factor, args.order, args.keep_progress)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        grown = read_config(out)
+        print(f"wrote {out}: {grown.num_hidden_layers} layers ({args.order}, x{args.factor})")
+        if args.no_check:
+            return
+        original = read_source_config(source)
+        batches = _batches(original, args.check_data, args.check_batches, args.check_seq_length)
+        where = args.check_data or "random tokens"
+        for name, directory, config in (("original", source, original), ("upcycled", out, grown)):
+            ce = per_loop_ce(directory, config, batches)
+            print(f"function check ({where}), {name:8}: CE per loop " + " / ".join(f"{v:.4f}" for v in ce))
+
+
+if __name__ == "__main__":
+    main()
