@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from looplm_mega.data.stdlib_corpus import stdlib_documents, write_stdlib_jsonl  # noqa: E402
 from looplm_mega.data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
 from looplm_mega.model import LoopLM  # noqa: E402
+from looplm_mega.training.distributed import free_port  # noqa: E402
 from looplm_mega.training.model_dir import read_config, read_full_state  # noqa: E402
 
 
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
          "--append-eod", "--workers", str(min(2, args.processes))])
 
     run_dir = out / "run"
-    run(["deepspeed", "--num_gpus", str(args.processes), "--module", "looplm_mega.pretrain",
+    # A port of our own: the launcher's default (29500) may be taken by another job on this box.
+    run(["deepspeed", "--num_gpus", str(args.processes), "--master_port", str(free_port()), "--module", "looplm_mega.pretrain",
          "--config", "configs/run/tiny_cpu.yaml", "--run_dir", str(run_dir),
          f"--data.prefixes=[{out / 'data' / 'stdlib_text_document'}]", "--model.vocab_size", str(args.vocab_size),
          *(["--training.train_steps", str(args.steps)] if args.steps else []), *overrides])

@@ -1,7 +1,6 @@
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -20,6 +19,7 @@ from looplm_mega.data.gpt_dataset import (IGNORE_INDEX, GPTDataset, build_sample
 from looplm_mega.data.index_cache import fingerprint
 from looplm_mega.data.indexed import IndexedDataset
 from looplm_mega.model.attention import segment_ids_from_eod
+from looplm_mega.training.distributed import free_port
 from tests.data.synthetic_datasets import write_multi_sequence_dataset, write_random_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,12 +228,6 @@ def test_collate_batch_gives_model_inputs_and_ignores_labels_across_documents():
     assert set(plain) == {"input_ids", "labels"} and plain["labels"].tolist()[0] == [6, 7, 8, 9]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _build_on_rank(rank: int, port: int, tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
@@ -249,7 +243,7 @@ def _build_on_rank(rank: int, port: int, tmp_path: Path) -> None:
 
 def test_rank_0_builds_and_rank_1_loads_the_same_indices(tmp_path):
     write_random_dataset(tmp_path / "data", num_documents=60, seed=14)
-    mp.spawn(_build_on_rank, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_build_on_rank, args=(free_port(), tmp_path), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports == [{"built": True, "memory_mapped": True}, {"built": False, "memory_mapped": True}]
     np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
