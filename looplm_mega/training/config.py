@@ -56,8 +56,6 @@ class TrainingConfig:
     def __post_init__(self):
         if (self.global_batch_size is None) == (self.global_batch_tokens is None):
             raise ConfigError("training.global_batch_size / training.global_batch_tokens: set exactly one of the two")
-        if (self.train_steps is None) == (self.train_tokens is None):
-            raise ConfigError("training.train_steps / training.train_tokens: set exactly one of the two")
         for name in ("micro_batch_size", "log_interval", "eval_iters", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name}={getattr(self, name)} must be at least 1")
@@ -132,6 +130,37 @@ class DeepSpeedSection:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a curriculum (training/curriculum.py); a field left out keeps the value in force."""
+
+    name: str
+    train_steps: Optional[int] = None  # the stage's length: exactly one of the two
+    train_tokens: Optional[int] = None
+    loops: Optional[int] = None  # total_ut_steps from this stage on
+    entropy_beta: Optional[float] = None
+    rope_theta: Optional[float] = None
+    rope_anneal_steps: int = 0  # 0: switch at the boundary; else geometric steps from the old base
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    schedule: Optional[ScheduleConfig] = None  # this stage's LR schedule (None: the run's `schedule`)
+
+    def __post_init__(self):
+        where = f"curriculum stage {self.name!r}"
+        if (self.train_steps is None) == (self.train_tokens is None):
+            raise ConfigError(f"{where}: set exactly one of train_steps / train_tokens")
+        for name in ("train_steps", "train_tokens", "loops"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}: {name}={value} must be at least 1")
+        if self.rope_theta is not None and self.rope_theta <= 0:
+            raise ConfigError(f"{where}: rope_theta={self.rope_theta} must be positive")
+        if self.rope_anneal_steps < 0:
+            raise ConfigError(f"{where}: rope_anneal_steps={self.rope_anneal_steps} must be >= 0")
+        if self.entropy_beta is not None and self.entropy_beta < 0:
+            raise ConfigError(f"{where}: entropy_beta={self.entropy_beta} must be non-negative")
+
+
+@dataclass
 class ParallelConfig:
     """Model parallelism; data parallelism takes the rest of the world: DP = world / (TP x PP)."""
 
@@ -164,14 +193,27 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Ordered stages that change loops, entropy weight, RoPE base and LR schedule on the live run
+    # (training/curriculum.py); the stages' lengths are then the run's length.
+    curriculum: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self):
+        t = self.training
+        if self.curriculum:
+            if t.train_steps is not None or t.train_tokens is not None:
+                raise ConfigError("training.train_steps / training.train_tokens: leave both out with a curriculum "
+                                  "(its stages give the run's length)")
+        elif (t.train_steps is None) == (t.train_tokens is None):
+            raise ConfigError("training.train_steps / training.train_tokens: set exactly one of the two")
         # Model and parallel layout are checked here, before any process group work.
         check_tensor_parallel(self.model_config(), self.parallel.tp, self.data.seq_length, self.parallel.sequence_parallel)
         check_pipeline(self.model_config(), self.parallel.pp)
         if self.parallel.pp > 1 and self.deepspeed.resolved_zero_stage() > 1:
             raise ConfigError(f"deepspeed.zero_stage={self.deepspeed.resolved_zero_stage()} with parallel.pp={self.parallel.pp}: "
                               "pipelines shard optimizer states only (ZeRO-1, as DeepSpeed allows); set deepspeed.zero_stage 0 or 1")
+        if self.parallel.pp > 1 and any(s.loops or s.entropy_beta is not None or s.rope_theta for s in self.curriculum):
+            raise ConfigError("curriculum stages that change loops, entropy_beta or rope_theta with parallel.pp > 1: "
+                              "not available yet (the pipeline's stages are built for one loop count); use parallel.pp=1")
         if self.parallel.pp > 1 and (self.deepspeed.offload_optimizer or self.deepspeed.offload_param):
             raise ConfigError("deepspeed offload with parallel.pp > 1: not available; the pipeline engine keeps its states on the device")
         if self.training.global_batch_tokens is not None and self.training.global_batch_tokens % self.data.seq_length:
@@ -197,9 +239,22 @@ class RunConfig:
         t = self.training
         return t.global_batch_size if t.global_batch_size is not None else t.global_batch_tokens // self.data.seq_length
 
+    def curriculum_plan(self):
+        """The curriculum laid out in steps (training/curriculum.py), or None without one."""
+        if not self.curriculum:
+            return None
+        from looplm_mega.training.curriculum import Curriculum
+
+        model = self.model_config()
+        base = {"loops": model.total_ut_steps, "entropy_beta": model.entropy_beta, "rope_theta": model.rope_theta,
+                "lr": self.optimizer.lr, "min_lr": self.optimizer.min_lr, "schedule": self.schedule}
+        return Curriculum(self.curriculum, self.global_batch_size * self.data.seq_length, base)
+
     @property
     def train_steps(self) -> int:
         t = self.training
+        if self.curriculum:
+            return self.curriculum_plan().total_steps
         if t.train_steps is not None:
             return t.train_steps
         return -(-t.train_tokens // (self.global_batch_size * self.data.seq_length))

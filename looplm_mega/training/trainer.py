@@ -102,6 +102,8 @@ class Trainer:
                 model=model, model_parameters=groups, config=deepspeed_config(config, self.grad_accum, self.device),
                 mpu=self.parallel if model_parallel else None)
         self.total_steps = config.train_steps
+        self.curriculum = config.curriculum_plan()
+        self.stage = None  # the curriculum stage in force (training/curriculum.py)
         self.samples_per_step = config.global_batch_size
         # Every validation reads the same batches, so one validation's worth of samples is built
         # (a pipeline evaluates whole rounds of grad_accum micro-batches).
@@ -195,6 +197,8 @@ class Trainer:
                 if training.eval_interval and step % training.eval_interval == 0 and step < self.total_steps:
                     self._log_validation(logger, step)
                 save_now = training.save_interval and step % training.save_interval == 0
+                # A checkpoint at every stage boundary: each stage can be restarted from its start.
+                save_now = save_now or (self.curriculum is not None and self.curriculum.is_boundary(step))
                 if save_now or step == self.total_steps:
                     self.save()
                 if not all_true(not self.stop_requested, self.device):
@@ -212,7 +216,7 @@ class Trainer:
 
     def _train_step(self, data: Iterator[dict], window: "_Window") -> None:
         training = self.config.training
-        lr = learning_rate(self.state.step, self.total_steps, self.config.optimizer, self.config.schedule)
+        lr = self._enter_step(self.state.step)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
@@ -259,6 +263,24 @@ class Trainer:
         else:
             self.nonfinite_steps_in_a_row = 0
         self.state.step += 1
+
+    def _enter_step(self, step: int) -> float:
+        """Put the curriculum's settings for `step` on the live model; returns the step's learning
+        rate. Derived from the step alone, so a resumed run lands in the right stage and position."""
+        if self.curriculum is None:
+            return learning_rate(step, self.total_steps, self.config.optimizer, self.config.schedule)
+        stage = self.curriculum.at(step)
+        live = self.model_config  # the model's own config object: it reads loops and beta every forward
+        live.total_ut_steps, live.entropy_beta = stage.loops, stage.entropy_beta
+        theta = self.curriculum.rope_theta(step)
+        if theta != live.rope_theta:
+            self.engine.module.set_rope_theta(theta)
+        if stage != self.stage and is_main():
+            print(f"stage {stage.index + 1}/{len(self.curriculum.states)} {stage.name!r} at step {step}: {stage.loops} loops, "
+                  f"entropy_beta {stage.entropy_beta}, RoPE base {stage.rope_theta:g}, lr {stage.lr:g} -> {stage.min_lr:g} "
+                  f"({stage.schedule.kind}), {stage.steps} steps", flush=True)
+        self.stage = stage
+        return learning_rate(step - stage.start, stage.steps, stage.optimizer(self.config.optimizer), stage.schedule)
 
     def _next_batches(self, data: Iterator[dict], count: int) -> dict:
         """`count` micro-batches stacked along the batch dimension (the pipeline splits them again)."""
@@ -329,6 +351,8 @@ class Trainer:
 
     def _log_validation(self, logger: MetricsLogger, step: int) -> None:
         metrics = self.evaluate()
+        if metrics and self.stage is not None:
+            metrics["stage"] = self.stage.name
         if metrics:
             logger.log(step, metrics, prefix="valid")
 
@@ -377,6 +401,8 @@ class _Window:
         seq = trainer.config.data.seq_length
         flops_per_device = training_flops_per_token(trainer.model_config, seq) * tokens_per_s / trainer.world
         metrics = {
+            **({"stage": trainer.stage.name, "rope_theta": trainer.model_config.rope_theta,
+                "entropy_beta": trainer.model_config.entropy_beta} if trainer.stage is not None else {}),
             "step_seconds": self.seconds / max(1, self.steps),
             "loss": values[0].item(), "ce_per_step": values[3:].tolist(), "exit_entropy": values[1].item(),
             "mean_exit_step": values[2].item(), "gate_mean_per_step": (self.gates / self.count).tolist(),
