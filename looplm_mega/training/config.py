@@ -143,6 +143,10 @@ class StageConfig:
     lr: Optional[float] = None
     min_lr: Optional[float] = None
     schedule: Optional[ScheduleConfig] = None  # this stage's LR schedule (None: the run's `schedule`)
+    # stage1: LM and gate (Ouro's Stage I); stage2: the gate alone with the adaptive loss, every
+    # other parameter frozen. None: the objective in force (training.objective for the first stage).
+    objective: Optional[Literal["stage1", "stage2"]] = None
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters frozen in this stage
 
     def __post_init__(self):
         where = f"curriculum stage {self.name!r}"
@@ -211,8 +215,9 @@ class RunConfig:
         if self.parallel.pp > 1 and self.deepspeed.resolved_zero_stage() > 1:
             raise ConfigError(f"deepspeed.zero_stage={self.deepspeed.resolved_zero_stage()} with parallel.pp={self.parallel.pp}: "
                               "pipelines shard optimizer states only (ZeRO-1, as DeepSpeed allows); set deepspeed.zero_stage 0 or 1")
-        if self.parallel.pp > 1 and any(s.loops or s.entropy_beta is not None or s.rope_theta for s in self.curriculum):
-            raise ConfigError("curriculum stages that change loops, entropy_beta or rope_theta with parallel.pp > 1: "
+        if self.parallel.pp > 1 and any(s.loops or s.entropy_beta is not None or s.rope_theta or s.objective
+                                        for s in self.curriculum):
+            raise ConfigError("curriculum stages that change loops, entropy_beta, rope_theta or the objective with parallel.pp > 1: "
                               "not available yet (the pipeline's stages are built for one loop count); use parallel.pp=1")
         if self.parallel.pp > 1 and (self.deepspeed.offload_optimizer or self.deepspeed.offload_param):
             raise ConfigError("deepspeed offload with parallel.pp > 1: not available; the pipeline engine keeps its states on the device")
@@ -247,7 +252,8 @@ class RunConfig:
 
         model = self.model_config()
         base = {"loops": model.total_ut_steps, "entropy_beta": model.entropy_beta, "rope_theta": model.rope_theta,
-                "lr": self.optimizer.lr, "min_lr": self.optimizer.min_lr, "schedule": self.schedule}
+                "lr": self.optimizer.lr, "min_lr": self.optimizer.min_lr, "schedule": self.schedule,
+                "objective": self.training.objective}
         return Curriculum(self.curriculum, self.global_batch_size * self.data.seq_length, base)
 
     @property

@@ -17,6 +17,7 @@ optimizer for the first stage); `schedule` left out uses the run's schedule for 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,13 @@ class StageState:
     lr: float
     min_lr: float
     schedule: ScheduleConfig
+    objective: str
+    freeze: tuple[str, ...]  # patterns of the parameters this stage keeps fixed
+
+    def is_frozen(self, name: str) -> bool:
+        if self.objective == "stage2" and not name.startswith("model.early_exit_gate."):
+            return True  # Stage II trains the gate alone
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.freeze)
 
     def optimizer(self, base: OptimizerConfig) -> OptimizerConfig:
         return dataclasses.replace(base, lr=self.lr, min_lr=self.min_lr)
@@ -60,17 +68,22 @@ class Curriculum:
         for index, stage in enumerate(stages):
             steps = stage.train_steps or math.ceil(stage.train_tokens / tokens_per_step)
             previous_theta = current["rope_theta"]
-            for key in ("loops", "entropy_beta", "rope_theta", "lr", "min_lr"):
+            for key in ("loops", "entropy_beta", "rope_theta", "lr", "min_lr", "objective"):
                 if getattr(stage, key) is not None:
                     current[key] = getattr(stage, key)
             schedule = stage.schedule if stage.schedule is not None else base["schedule"]
             if current["min_lr"] > current["lr"]:
                 raise ConfigError(f"curriculum stage {stage.name!r}: min_lr={current['min_lr']} exceeds lr={current['lr']}")
             self.states.append(StageState(index, stage.name, start, steps, current["loops"], current["entropy_beta"],
-                                          current["rope_theta"], current["lr"], current["min_lr"], schedule))
+                                          current["rope_theta"], current["lr"], current["min_lr"], schedule,
+                                          current["objective"], tuple(stage.freeze)))
             self._anneal_from.append(previous_theta)
             start += steps
         self.total_steps = start
+
+    def frozen_in(self, name: str) -> tuple[int, ...]:
+        """The stages (indices) in which parameter `name` is frozen."""
+        return tuple(state.index for state in self.states if state.is_frozen(name))
 
     def at(self, step: int) -> StageState:
         """The stage in force at optimizer step `step` (0-based); past the end, the last one."""

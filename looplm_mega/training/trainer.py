@@ -33,15 +33,21 @@ from looplm_mega.training.pipeline_engine import PipelineEngine
 from looplm_mega.training.schedules import learning_rate
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay for matrices only: not for norms, biases and the exit gate."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, weight_decay: float, frozen_in=None) -> list[dict]:
+    """Weight decay for matrices only: not for norms, biases and the exit gate. With a curriculum,
+    parameters are further grouped by the stages that freeze them (`frozen_in(name)` -> stage
+    indices): ZeRO flattens its groups once, so a stage freezes whole groups (lr and weight decay 0)."""
+    groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or "norm" in name or "early_exit_gate" in name
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = 0.0 if exempt else weight_decay
+        frozen = frozen_in(name) if frozen_in is not None else ()
+        group = groups.setdefault((decay, frozen), {"params": [], "weight_decay": decay, "base_weight_decay": decay,
+                                                    "frozen_in": list(frozen)})
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def deepspeed_config(config: RunConfig, gradient_accumulation_steps: int, device: torch.device) -> dict:
@@ -89,7 +95,8 @@ class Trainer:
             model = LoopLM(self.model_config, self.tensor_parallel)
         self.num_parameters = self._count_parameters(model)
         self.init_state = self._initialize_from(model)
-        groups = parameter_groups(model, config.optimizer.weight_decay)
+        self.curriculum = config.curriculum_plan()
+        groups = parameter_groups(model, config.optimizer.weight_decay, self.curriculum.frozen_in if self.curriculum else None)
         if self.pipelined:
             opt = config.optimizer
             self.engine = PipelineEngine(model, self.parallel, groups, {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps},
@@ -102,7 +109,6 @@ class Trainer:
                 model=model, model_parameters=groups, config=deepspeed_config(config, self.grad_accum, self.device),
                 mpu=self.parallel if model_parallel else None)
         self.total_steps = config.train_steps
-        self.curriculum = config.curriculum_plan()
         self.stage = None  # the curriculum stage in force (training/curriculum.py)
         self.samples_per_step = config.global_batch_size
         # Every validation reads the same batches, so one validation's worth of samples is built
@@ -161,7 +167,7 @@ class Trainer:
     def _forward(self, batch: dict):
         return self.engine(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
                            segment_ids=batch["segment_ids"].to(self.device) if "segment_ids" in batch else None,
-                           objective=self.config.training.objective)
+                           objective=self.objective)
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> TrainerState:
@@ -218,7 +224,9 @@ class Trainer:
         training = self.config.training
         lr = self._enter_step(self.state.step)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            frozen = self.stage is not None and self.stage.index in group.get("frozen_in", ())
+            group["lr"] = 0.0 if frozen else lr
+            group["weight_decay"] = 0.0 if frozen else group.get("base_weight_decay", group["weight_decay"])
         start = time.perf_counter()
         if self.pipelined:
             self._pipeline_step(data, window)
@@ -263,6 +271,10 @@ class Trainer:
         else:
             self.nonfinite_steps_in_a_row = 0
         self.state.step += 1
+
+    @property
+    def objective(self) -> str:
+        return self.stage.objective if self.stage is not None else self.config.training.objective
 
     def _enter_step(self, step: int) -> float:
         """Put the curriculum's settings for `step` on the live model; returns the step's learning

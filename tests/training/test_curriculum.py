@@ -79,3 +79,23 @@ def test_resume_in_a_stage_or_at_its_boundary_repeats_the_run(dataset, staged_ru
     start = int(tag[4:]) + 1
     assert sorted(resumed) == list(range(start, 7))
     assert [resumed[s] for s in resumed] == [uninterrupted[s] for s in resumed]
+
+
+def test_stage2_trains_the_gate_alone_and_freeze_patterns_hold_parameters(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from looplm_mega.training.consolidate import consolidate
+
+    stages = [{"name": "lm", "train_steps": 2},
+              {"name": "gate", "train_steps": 2, "objective": "stage2"},
+              {"name": "no_layers", "train_steps": 2, "objective": "stage1", "freeze": ["model.layers.*"]}]
+    config = run_config(dataset, tmp_path, curriculum=stages, deepspeed={"zero_stage": 2},
+                        training={"train_steps": None, "save_interval": 0})
+    run_distributed(_pretrain, 1, config)
+    states = {step: load_file(str(consolidate(tmp_path / "checkpoints", tmp_path / f"m{step}", f"step0000000{step}")
+                                  / "model.safetensors")) for step in (2, 4, 6)}
+    changed = {span: {n for n in states[span[0]] if not states[span[0]][n].equal(states[span[1]][n])}
+               for span in ((2, 4), (4, 6))}
+    assert changed[(2, 4)] == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
+    assert changed[(4, 6)] and not any(n.startswith("model.layers.") for n in changed[(4, 6)])
+    assert "lm_head.weight" in changed[(4, 6)]
