@@ -99,3 +99,14 @@ def test_stage2_trains_the_gate_alone_and_freeze_patterns_hold_parameters(datase
     assert changed[(2, 4)] == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
     assert changed[(4, 6)] and not any(n.startswith("model.layers.") for n in changed[(4, 6)])
     assert "lm_head.weight" in changed[(4, 6)]
+
+
+def test_the_miniature_ouro_curriculum_follows_the_papers_stages():
+    from looplm_mega.training.config import load_run_config
+
+    plan = load_run_config("configs/run/tiny_cpu_curriculum.yaml").curriculum_plan()
+    assert [s.name for s in plan.states] == ["pretrain_1a", "pretrain_1b", "ct_annealing", "long_ct", "mid_training", "gate"]
+    assert [s.loops for s in plan.states] == [8, 4, 4, 4, 4, 4]
+    assert [s.entropy_beta for s in plan.states] == [0.1] + [0.05] * 5
+    assert [s.rope_theta for s in plan.states] == [1e4, 1e4, 4e4, 1e6, 1e6, 1e6]
+    assert [s.objective for s in plan.states][-2:] == ["stage1", "stage2"]
