@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from looplm_mega.parallel import comm
+
 IGNORE_INDEX = -100
 
 
@@ -64,19 +66,13 @@ def _naive(hidden, weight, labels, token_weights, vocab_start, valid_columns, gr
     if valid_columns < weight.shape[0]:
         logits = logits.masked_fill(torch.arange(weight.shape[0], device=logits.device) >= valid_columns, float("-inf"))
     if group is not None:
-        from looplm_mega.parallel.comm import gather_replicated
-
-        logits = gather_replicated(logits, -1, group)
+        logits = comm.gather_replicated(logits, -1, group)
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     return (ce * token_weights).sum(), ce.detach()
 
 
 def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if group is None:
-        return x
-    from looplm_mega.parallel.comm import all_reduce
-
-    return all_reduce(x, group, op)
+    return x if group is None else comm.all_reduce(x, group, op)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

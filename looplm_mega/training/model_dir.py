@@ -15,6 +15,7 @@ assembled under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -22,7 +23,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,26 +59,49 @@ def tensor_parallel_degree(model_dir: Path) -> int:
 def write_model_dir(output_dir: str | Path, state: dict[str, torch.Tensor], config: LoopLMConfig,
                     trainer_state: Optional[dict] = None, tp: int = 1) -> Path:
     """Write full tensors (released shapes) as one file, or split into `tp` shard files."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    try:
+    with staged_directory(output_dir) as staging:
         padded = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by)
         for rank in range(tp):
             # safetensors refuses tensors that share memory (a tied head): each is stored on its own.
             tensors = {n: shard(t, n, rank, tp, padded if tp > 1 else None).detach().clone().contiguous()
                        for n, t in state.items()}
             save_file(tensors, str(staging / (FULL if tp == 1 else shard_file(rank, tp))))
-        save_yaml(config, staging / "config.yaml")
-        if trainer_state is not None:
-            (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_config(staging, config, trainer_state)
+    return Path(output_dir)
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: str | Path) -> Iterator[Path]:
+    """A directory assembled under a temporary name next to `output_dir`, renamed to it when the
+    block completes (replacing an older one); removed if the block fails."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
-    return output_dir
+
+
+def write_config(model_dir: Path, config: LoopLMConfig, trainer_state: Optional[dict] = None) -> None:
+    save_yaml(config, model_dir / "config.yaml")
+    if trainer_state is not None:
+        (model_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+
+
+def full_model_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of an unsplit directory: model.safetensors, or Hugging Face's shards."""
+    model_dir = Path(model_dir)
+    if (model_dir / FULL).exists():
+        return [model_dir / FULL]
+    if (model_dir / HF_INDEX).exists():
+        return [model_dir / f for f in sorted(set(json.loads((model_dir / HF_INDEX).read_text())["weight_map"].values()))]
+    raise FileNotFoundError(f"{model_dir}: no {FULL} or {HF_INDEX} (a TP-split directory must be merged first: "
+                            "tools/convert_checkpoint.py --model DIR --output OUT --tp 1)")
 
 
 def read_config(model_dir: str | Path) -> LoopLMConfig:
@@ -94,10 +118,7 @@ def read_full_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     model_dir = Path(model_dir)
     tp = tensor_parallel_degree(model_dir)
     if tp == 1:
-        if (model_dir / FULL).exists():
-            return load_file(str(model_dir / FULL))
-        files = sorted(set(json.loads((model_dir / HF_INDEX).read_text())["weight_map"].values()))
-        return {name: tensor for f in files for name, tensor in load_file(str(model_dir / f)).items()}
+        return {name: tensor for f in full_model_files(model_dir) for name, tensor in load_file(str(f)).items()}
     vocab_size = read_config(model_dir).vocab_size
     shards = [load_file(str(model_dir / shard_file(r, tp))) for r in range(tp)]
     return {name: merge([s[name] for s in shards], name, vocab_size) for name in shards[0]}

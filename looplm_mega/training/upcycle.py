@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from safetensors import safe_open
 
-from looplm_mega.config import save_yaml
 from looplm_mega.model.config import LoopLMConfig, RELEASED_FIELDS
-from looplm_mega.training.model_dir import FULL, HF_INDEX, StreamingSafetensorsWriter, read_config, read_trainer_state
+from looplm_mega.training.model_dir import (
+    FULL, StreamingSafetensorsWriter, full_model_files, read_config, read_trainer_state, staged_directory, write_config,
+)
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -37,18 +36,6 @@ def layer_sources(num_layers: int, factor: int, order: Literal["stacked", "inter
     if order == "interleaved":
         return [j // factor for j in range(num_layers * factor)]
     raise ValueError(f"order={order!r}: expected 'stacked' or 'interleaved'")
-
-
-def _source_files(source: Path) -> list[Path]:
-    """The safetensors files of a model directory or a Hugging Face Ouro directory (whole or
-    sharded with model.safetensors.index.json)."""
-    if (source / FULL).exists():
-        return [source / FULL]
-    index = source / HF_INDEX
-    if index.exists():
-        return [source / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    raise FileNotFoundError(f"{source}: no {FULL} or model.safetensors.index.json (a TP-split directory must be "
-                            "merged first: tools/convert_checkpoint.py --model DIR --output OUT --tp 1)")
 
 
 def read_source_config(source: Path) -> LoopLMConfig:
@@ -69,7 +56,7 @@ def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal[
     source, output = Path(source), Path(output)
     config = read_source_config(source)
     sources = layer_sources(config.num_hidden_layers, factor, order)
-    files = _source_files(source)
+    files = full_model_files(source)
     # name in the output -> (file, name in the source): the non-layer tensors, then the layers in
     # their new order.
     where = {}
@@ -92,20 +79,10 @@ def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal[
     for new_name, (path, name) in plan.items():
         piece = handles[path].get_slice(name)
         specs[new_name] = (piece.get_dtype(), piece.get_shape())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output.name + ".", dir=output.parent))
-    try:
+    with staged_directory(output) as staging:
         with StreamingSafetensorsWriter(staging / FULL, specs) as writer:
             for new_name, (path, name) in plan.items():
                 writer.add(new_name, handles[path].get_tensor(name))
-        save_yaml(config.replace(num_hidden_layers=config.num_hidden_layers * factor), staging / "config.yaml")
-        progress = read_trainer_state(source) if keep_progress else None
-        if progress is not None:
-            (staging / "trainer_state.json").write_text(json.dumps(progress, indent=2))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+        write_config(staging, config.replace(num_hidden_layers=config.num_hidden_layers * factor),
+                     read_trainer_state(source) if keep_progress else None)
     return output

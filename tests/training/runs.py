@@ -46,3 +46,11 @@ def _pretrain(config: RunConfig) -> None:
 def _pretrain_each(configs: list) -> None:
     for config in configs:
         _pretrain(config)
+
+
+def assert_same_losses(run: Path, reference: Path) -> None:
+    """The two runs logged steps 1..6 with the same losses (1e-5), and the reference trained."""
+    losses, expected = train_losses(run), train_losses(reference)
+    assert sorted(losses) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
+    assert expected[6] != expected[1]  # it trained

@@ -10,7 +10,7 @@ import pytest
 from looplm_mega.training.consolidate import consolidate
 
 from tests.distributed import run_distributed
-from tests.training.runs import _pretrain, run_config, train_losses
+from tests.training.runs import _pretrain, assert_same_losses, run_config, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +27,15 @@ def pp2_run(dataset, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _assert_same_losses(run: Path, reference: Path) -> None:
-    losses, expected = train_losses(run), train_losses(reference)
-    assert sorted(losses) == sorted(expected) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
-    assert expected[6] != expected[1]
-
-
 def test_pp2_matches_pp1(pp2_run, pp1_run):
-    _assert_same_losses(pp2_run, pp1_run)
+    assert_same_losses(pp2_run, pp1_run)
 
 
 @pytest.mark.parametrize("layout", [{"pp": 2, "tp": 2}, {"pp": 2}], ids=["pp2_tp2", "pp2_dp2_zero1"])
 def test_pp2_with_tp2_or_dp2_on_four_processes_matches_pp1(dataset, pp1_run, tmp_path, layout):
     config = run_config(dataset, tmp_path, deepspeed={"zero_stage": 1}, parallel=layout, training={"save_interval": 0})
     run_distributed(_pretrain, 4, config)
-    _assert_same_losses(tmp_path, pp1_run)
+    assert_same_losses(tmp_path, pp1_run)
 
 
 def test_pp2_resume_equals_the_uninterrupted_run_bit_for_bit(dataset, pp2_run, tmp_path):
