@@ -10,6 +10,7 @@
 6. a few lines generated from a prompt.
 
     python examples/quickstart.py [--out runs/quickstart] [--steps 300] [--processes 2] [--section.field value ...]
+    python examples/quickstart.py --config configs/curriculum/tiny_cpu.yaml    # Ouro's curriculum in miniature
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def generate(model: LoopLM, tokenizer, prompt: str, new_tokens: int, temperature
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quickstart")
+    parser.add_argument("--config", default="configs/run/tiny_cpu.yaml", help="the run config (a curriculum's too)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run config's)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--corpus-mb", type=float, default=None, help="use only this much of the corpus")
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
     run_dir = out / "run"
     # A port of our own: the launcher's default (29500) may be taken by another job on this box.
     run(["deepspeed", "--num_gpus", str(args.processes), "--master_port", str(free_port()), "--module", "looplm_mega.pretrain",
-         "--config", "configs/run/tiny_cpu.yaml", "--run_dir", str(run_dir),
+         "--config", args.config, "--run_dir", str(run_dir),
          f"--data.prefixes=[{out / 'data' / 'stdlib_text_document'}]", "--model.vocab_size", str(args.vocab_size),
          *(["--training.train_steps", str(args.steps)] if args.steps else []), *overrides])
 

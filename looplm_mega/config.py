@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,9 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value that does not fit; the message names the file and field."""
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -71,6 +75,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3.0e12 (no sign in the exponent) as a string
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -2,13 +2,14 @@
 """Grow a LoopLM's shared layer stack by an integer factor (Ouro's 1.4B -> 2.6B: 24 -> 48 layers).
 
     python tools/upcycle.py --source runs/ouro_1_4b/checkpoints --output runs/ouro_2_6b_init --factor 2 \
-        [--order stacked|interleaved] [--keep-progress] [--check-data data/web_text_document]
+        [--order stacked|interleaved] [--keep-progress] [--optimizer reset|carry] [--check-data data/web_text_document]
 
 --source: a run's checkpoints/ directory (any ZeRO stage, TP or PP degree; consolidated first), a
 model directory (tools/convert_checkpoint.py output) or a Hugging Face Ouro directory
 (config.json + safetensors). The output is a model directory; a run starts from it with
-`--training.init_from OUTPUT` at any TP / PP degree, with fresh optimizer states (--keep-progress
-also carries the step and consumed samples). It then prints a function check: the CE of every loop
+`--training.init_from OUTPUT` at any TP / PP degree, with fresh optimizer states, or with Adam's
+moments grown like the weights (--optimizer carry); --keep-progress also carries the step and
+consumed samples. It then prints a function check: the CE of every loop
 step of the original and the grown model on a few batches (of --check-data, else random tokens).
 """
 
@@ -59,6 +60,9 @@ def main(argv=None) -> None:
     parser.add_argument("--order", choices=["stacked", "interleaved"], default="stacked")
     parser.add_argument("--tag", default=None, help="checkpoint of a checkpoints/ directory (default: the latest)")
     parser.add_argument("--keep-progress", action="store_true", help="carry the step and consumed samples")
+    parser.add_argument("--optimizer", choices=["reset", "carry"], default="reset",
+                        help="carry: Adam's moments grown like the weights (from checkpoints, or a model directory "
+                             "that has optimizer.safetensors); reset: the run starts them afresh")
     parser.add_argument("--check-data", default=None, help="a .bin/.idx prefix for the function check")
     parser.add_argument("--check-batches", type=int, default=4)
     parser.add_argument("--check-seq-length", type=int, default=128)
@@ -69,13 +73,13 @@ def main(argv=None) -> None:
         if (source / "latest").exists() or any(source.glob("step*/trainer_state.json")):
             from looplm_mega.training.consolidate import consolidate
 
-            source = consolidate(source, Path(scratch) / "consolidated", args.tag)
+            source = consolidate(source, Path(scratch) / "consolidated", args.tag, optimizer=args.optimizer == "carry")
         try:
-            out = upcycle(source, args.output, args.factor, args.order, args.keep_progress)
+            out = upcycle(source, args.output, args.factor, args.order, args.keep_progress, args.optimizer)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         grown = read_config(out)
-        print(f"wrote {out}: {grown.num_hidden_layers} layers ({args.order}, x{args.factor})")
+        print(f"wrote {out}: {grown.num_hidden_layers} layers ({args.order}, x{args.factor}), optimizer state {args.optimizer}")
         if args.no_check:
             return
         original = read_source_config(source)

@@ -7,15 +7,15 @@ of the global batch. Global batches therefore do not depend on the data-parallel
 resumed from consumed_samples = k * G reads exactly the batches that an uninterrupted run reads
 from its (k + 1)-th global batch on.
 
-A curriculum (StagedSampler) is a list of stages, each with its own dataset (a new sequence length
-or blend builds new indices, deterministically from the seed) and its own consumed-sample count;
-training resumes at (stage, consumed samples within that stage).
+A global batch of G samples is G / (M x D) consecutive units of M x D samples, so the trainer reads
+a stream of such units (PretrainingSampler with global_batch_size = M x D) and any sequence of
+global batch sizes (a batch ramp) still reads Megatron's layout. A curriculum stage with a new
+sequence length or blend starts a new dataset at its sample 0 (training/curriculum.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 
 def _check_batch_sizes(global_batch_size: int, micro_batch_size: int, data_parallel_size: int, where: str) -> None:
@@ -75,45 +75,3 @@ class PretrainingSampler:
 
     def __len__(self) -> int:
         return self.num_global_batches * self.gradient_accumulation_steps
-
-
-@dataclass
-class SamplerStage:
-    """One curriculum stage as the sampler sees it: how many samples its dataset holds and how
-    they are batched (a longer sequence length usually comes with a smaller micro-batch)."""
-
-    num_samples: int
-    global_batch_size: int
-    micro_batch_size: int
-
-
-class StagedSampler:
-    """Yields (stage, micro-batch) through the stages in order, starting at `stage` with
-    `consumed_samples` of that stage already read; each stage starts at its dataset's sample 0."""
-
-    def __init__(
-        self,
-        stages: Sequence[SamplerStage],
-        data_parallel_rank: int = 0,
-        data_parallel_size: int = 1,
-        stage: int = 0,
-        consumed_samples: int = 0,
-    ):
-        if not 0 <= stage < len(stages):
-            raise ValueError(f"stage={stage} outside the {len(stages)} stages")
-        for i, s in enumerate(stages):
-            _check_batch_sizes(s.global_batch_size, s.micro_batch_size, data_parallel_size, f"stage {i}: ")
-        self.samplers = [
-            PretrainingSampler(s.num_samples, s.global_batch_size, s.micro_batch_size, data_parallel_rank,
-                               data_parallel_size, consumed_samples if i == stage else 0)
-            for i, s in enumerate(stages)
-        ]
-        self.start_stage = stage
-
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        for i in range(self.start_stage, len(self.samplers)):
-            for micro_batch in self.samplers[i]:
-                yield i, micro_batch
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.samplers[self.start_stage :])

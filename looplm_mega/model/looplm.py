@@ -144,7 +144,7 @@ class LoopLM(nn.Module):
                 is_output = name.endswith(("o_proj", "down_proj"))
                 full = torch.empty(self._full_shape(f"{name}.weight", module.weight))
                 nn.init.normal_(full, mean=0.0, std=out_std if is_output else std)
-                module.weight.copy_(self._shard(f"{name}.weight", full))
+                module.weight.copy_(self.tensor_parallel_shard(f"{name}.weight", full))
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
@@ -171,14 +171,15 @@ class LoopLM(nn.Module):
             shape[dim] *= self.tp.size
         return tuple(shape)
 
-    def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+    def tensor_parallel_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's TP slice of a full tensor (weights, or anything shaped like them)."""
         return shard(full, name, self.tp.rank, self.tp.size, self.padded_vocab_size)
 
     @torch.no_grad()
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load full tensors with the released names and shapes (a consolidated or exported model):
         this rank takes its TP shard, the vocabulary rows are padded."""
-        self.load_state_dict({name: self._shard(name, tensor) for name, tensor in state_dict.items()}, strict=strict)
+        self.load_state_dict({name: self.tensor_parallel_shard(name, tensor) for name, tensor in state_dict.items()}, strict=strict)
 
     def set_rope_theta(self, theta: float) -> None:
         """Change the RoPE base on a live model (RoPE annealing between curriculum stages)."""

@@ -29,6 +29,8 @@ class TrainerState:
     consumed_samples: int = 0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient
     skipped_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
+    segment: int = 0  # the curriculum's data segment being read (training/curriculum.py)
+    segment_start_samples: int = 0  # consumed_samples when that segment started
 
 
 def tag_of(step: int) -> str:
@@ -60,8 +62,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, state: TrainerState, config: dict, keep_last: int) -> Path:
-    """Every rank calls this. Returns the checkpoint's directory."""
+def save_checkpoint(engine, checkpoint_dir: Path, state: TrainerState, config: dict, keep_last: int,
+                    model: dict) -> Path:
+    """Every rank calls this. `model`: the live model's config (a curriculum changes its loops,
+    RoPE base and layer count from those of the run config). Returns the checkpoint's directory."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_of(state.step)
     path = checkpoint_dir / tag
@@ -71,7 +75,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, state: TrainerState, config: d
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
     if rank == 0:
-        _write_json(path / "trainer_state.json", {"state": asdict(state), "config": config})
+        _write_json(path / "trainer_state.json", {"state": asdict(state), "config": config, "model": model})
     _barrier()  # every rank has written its shards and RNG state
     if rank == 0:
         _write_text(checkpoint_dir / LATEST, tag)

@@ -49,9 +49,12 @@ class TrainingConfig:
     peak_flops_per_device: Optional[float] = None
     # A consolidated model directory (tools/convert_checkpoint.py output) to start from when
     # run_dir holds no checkpoint yet: its weights, at any TP degree. With init_from_continues its
-    # step and consumed samples too (a run continued at another TP degree; Adam's moments restart).
+    # step and consumed samples too (a run continued at another parallel layout).
     init_from: Optional[str] = None
     init_from_continues: bool = True
+    # Adam's moments too, when the directory has them (optimizer.safetensors: convert_checkpoint.py
+    # --optimizer, or upcycle.py --optimizer carry): the run continues as if never interrupted.
+    init_from_optimizer: bool = True
 
     def __post_init__(self):
         if (self.global_batch_size is None) == (self.global_batch_tokens is None):
@@ -130,6 +133,41 @@ class DeepSpeedSection:
 
 
 @dataclass
+class BatchRamp:
+    """A global batch that grows linearly at the start of a stage (Megatron's --rampup-batch-size,
+    in tokens): start_tokens, then increment_tokens more every ramp_tokens / increments tokens
+    consumed, until the stage's global_batch_tokens."""
+
+    start_tokens: int
+    increment_tokens: int
+    ramp_tokens: int
+
+    def __post_init__(self):
+        for name in ("start_tokens", "increment_tokens", "ramp_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"batch_ramp.{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass
+class StageData:
+    """A stage's data blend: dataset prefixes and weights, as in the run's `data` section."""
+
+    prefixes: list[str]
+    weights: Optional[list[float]] = None
+
+
+@dataclass
+class UpcycleAction:
+    """Grow the shared stack to `to_layers` layers at the stage's start (training/upcycle.py);
+    nothing happens when the live model already has them (a run resumed or started from an
+    upcycled model)."""
+
+    to_layers: int
+    order: Literal["stacked", "interleaved"] = "stacked"
+    optimizer: Literal["reset", "carry"] = "reset"  # carry: Adam's moments grown like the weights
+
+
+@dataclass
 class StageConfig:
     """One stage of a curriculum (training/curriculum.py); a field left out keeps the value in force."""
 
@@ -147,12 +185,19 @@ class StageConfig:
     # other parameter frozen. None: the objective in force (training.objective for the first stage).
     objective: Optional[Literal["stage1", "stage2"]] = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters frozen in this stage
+    # A new sequence length rebuilds the data indices; the batch stays global_batch_tokens tokens.
+    seq_length: Optional[int] = None
+    micro_batch_size: Optional[int] = None  # longer sequences usually need a smaller one
+    global_batch_tokens: Optional[int] = None
+    batch_ramp: Optional[BatchRamp] = None  # this stage's batch grows to global_batch_tokens
+    data: Optional[StageData] = None  # a new blend from this stage on
+    upcycle: Optional[UpcycleAction] = None
 
     def __post_init__(self):
         where = f"curriculum stage {self.name!r}"
         if (self.train_steps is None) == (self.train_tokens is None):
             raise ConfigError(f"{where}: set exactly one of train_steps / train_tokens")
-        for name in ("train_steps", "train_tokens", "loops"):
+        for name in ("train_steps", "train_tokens", "loops", "seq_length", "micro_batch_size", "global_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{where}: {name}={value} must be at least 1")
@@ -197,8 +242,9 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # Ordered stages that change loops, entropy weight, RoPE base and LR schedule on the live run
-    # (training/curriculum.py); the stages' lengths are then the run's length.
+    # Ordered stages that change loops, entropy weight, RoPE base, LR schedule, sequence length,
+    # batch, data blend, objective or layer count on the live run (training/curriculum.py); the
+    # stages' lengths are then the run's length.
     curriculum: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self):
@@ -209,22 +255,25 @@ class RunConfig:
                                   "(its stages give the run's length)")
         elif (t.train_steps is None) == (t.train_tokens is None):
             raise ConfigError("training.train_steps / training.train_tokens: set exactly one of the two")
-        # Model and parallel layout are checked here, before any process group work.
-        check_tensor_parallel(self.model_config(), self.parallel.tp, self.data.seq_length, self.parallel.sequence_parallel)
-        check_pipeline(self.model_config(), self.parallel.pp)
         if self.parallel.pp > 1 and self.deepspeed.resolved_zero_stage() > 1:
             raise ConfigError(f"deepspeed.zero_stage={self.deepspeed.resolved_zero_stage()} with parallel.pp={self.parallel.pp}: "
                               "pipelines shard optimizer states only (ZeRO-1, as DeepSpeed allows); set deepspeed.zero_stage 0 or 1")
-        if self.parallel.pp > 1 and any(s.loops or s.entropy_beta is not None or s.rope_theta or s.objective
-                                        for s in self.curriculum):
-            raise ConfigError("curriculum stages that change loops, entropy_beta, rope_theta or the objective with parallel.pp > 1: "
-                              "not available yet (the pipeline's stages are built for one loop count); use parallel.pp=1")
         if self.parallel.pp > 1 and (self.deepspeed.offload_optimizer or self.deepspeed.offload_param):
             raise ConfigError("deepspeed offload with parallel.pp > 1: not available; the pipeline engine keeps its states on the device")
         if self.training.global_batch_tokens is not None and self.training.global_batch_tokens % self.data.seq_length:
             raise ConfigError(
                 f"training.global_batch_tokens={self.training.global_batch_tokens} is not a multiple of "
                 f"data.seq_length={self.data.seq_length}")
+        # Model and parallel layout are checked here, before any process group work, for every
+        # stage's layer count and sequence length.
+        model = self.model_config()
+        for stage in self.curriculum_plan().states:
+            try:
+                staged = model.replace(num_hidden_layers=stage.num_layers)
+                check_tensor_parallel(staged, self.parallel.tp, stage.seq_length, self.parallel.sequence_parallel)
+                check_pipeline(staged, self.parallel.pp)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (in curriculum stage {stage.name!r})" if self.curriculum else str(e)) from None
         if self.schedule.warmup_steps > self.train_steps:
             raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds the {self.train_steps} training steps")
 
@@ -240,39 +289,36 @@ class RunConfig:
 
     @property
     def global_batch_size(self) -> int:
-        """Samples per optimizer step."""
+        """Samples per optimizer step of the first stage."""
         t = self.training
         return t.global_batch_size if t.global_batch_size is not None else t.global_batch_tokens // self.data.seq_length
 
     def curriculum_plan(self):
-        """The curriculum laid out in steps (training/curriculum.py), or None without one."""
-        if not self.curriculum:
-            return None
+        """The run laid out in steps (training/curriculum.py): its curriculum, or one implicit stage."""
         from looplm_mega.training.curriculum import Curriculum
 
-        model = self.model_config()
+        model, t = self.model_config(), self.training
         base = {"loops": model.total_ut_steps, "entropy_beta": model.entropy_beta, "rope_theta": model.rope_theta,
                 "lr": self.optimizer.lr, "min_lr": self.optimizer.min_lr, "schedule": self.schedule,
-                "objective": self.training.objective}
-        return Curriculum(self.curriculum, self.global_batch_size * self.data.seq_length, base)
+                "objective": t.objective, "seq_length": self.data.seq_length, "micro_batch_size": t.micro_batch_size,
+                "global_batch_tokens": self.global_batch_size * self.data.seq_length, "data": self.data,
+                "num_layers": model.num_hidden_layers}
+        if self.curriculum:
+            return Curriculum(self.curriculum, base)
+        return Curriculum([StageConfig("main", t.train_steps, t.train_tokens)], base, implicit=True)
 
     @property
     def train_steps(self) -> int:
-        t = self.training
-        if self.curriculum:
-            return self.curriculum_plan().total_steps
-        if t.train_steps is not None:
-            return t.train_steps
-        return -(-t.train_tokens // (self.global_batch_size * self.data.seq_length))
+        return self.curriculum_plan().total_steps
 
-    def gradient_accumulation_steps(self, data_parallel_size: int) -> int:
-        per_step = self.training.micro_batch_size * data_parallel_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"training: the global batch of {self.global_batch_size} samples is not a multiple of "
-                f"micro_batch_size={self.training.micro_batch_size} x {data_parallel_size} data-parallel ranks; "
-                f"choose a global batch that is a multiple of {per_step}")
-        return self.global_batch_size // per_step
+    def check_batches(self, data_parallel_size: int) -> None:
+        """Every global batch of the run must split into micro-batches over the data-parallel ranks."""
+        for index, micro, samples in sorted(self.curriculum_plan().batch_sizes()):
+            if samples % (micro * data_parallel_size):
+                where = f"curriculum stage {self.curriculum[index].name!r}: " if self.curriculum else "training: "
+                raise ConfigError(f"{where}a global batch of {samples} samples is not a multiple of micro_batch_size={micro} x "
+                                  f"{data_parallel_size} data-parallel ranks; choose a global batch (and ramp) in "
+                                  f"multiples of {micro * data_parallel_size} samples")
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -14,10 +14,12 @@ from typing import Optional
 import torch
 
 from looplm_mega.config import from_dict
+from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.parallel.tensor_parallel import merge
 from looplm_mega.training.checkpoint import latest_tag
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.model_dir import write_model_dir
+from looplm_mega.training.optimizer import consolidated_moments
 
 
 def _model_parallel_ranks(path: Path) -> list[int]:
@@ -69,9 +71,10 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, vocab_size: int) -> 
     return {name: merge([rank[name] for rank in ranks], name, vocab_size) for name in ranks[0]}
 
 
-def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optional[str] = None, tp: int = 1) -> Path:
+def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optional[str] = None, tp: int = 1,
+                optimizer: bool = False) -> Path:
     """Write the checkpoint as a model directory (training.model_dir), whole or split into `tp`
-    shards; returns output_dir."""
+    shards, with Adam's moments (training/optimizer.py) if `optimizer`; returns output_dir."""
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None:
@@ -80,6 +83,13 @@ def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optiona
     if not state_file.exists():
         raise FileNotFoundError(f"{state_file}: missing; {checkpoint_dir / tag} is not a complete checkpoint")
     trainer_state = json.loads(state_file.read_text())
-    model_config = from_dict(RunConfig, trainer_state["config"]).model_config()
+    # The live model's config (loops, RoPE base, layers of the stage it was in), where recorded.
+    if "model" in trainer_state:
+        model_config = from_dict(LoopLMConfig, trainer_state["model"])
+    else:
+        model_config = from_dict(RunConfig, trainer_state["config"]).model_config()
     state = consolidated_state_dict(checkpoint_dir, tag, model_config.vocab_size)
-    return write_model_dir(output_dir, state, model_config, trainer_state, tp)
+    moments = None
+    if optimizer:
+        moments, trainer_state["adam_step"] = consolidated_moments(checkpoint_dir, tag, trainer_state, model_config)
+    return write_model_dir(output_dir, state, model_config, trainer_state, tp, moments)

@@ -7,6 +7,7 @@
   or
     model-tp00-of-04.safetensors     TP shards (vocabulary padded), released names       (TP = 4)
     ...
+    optimizer.safetensors            Adam's moments, full tensors (optional; training/optimizer.py)
 
 A split directory lets each rank of a run at that TP degree read only its own shard (memory
 bounded by the shard); any other degree reads the shards and re-splits them. Directories are
@@ -33,6 +34,7 @@ from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.parallel.tensor_parallel import merge, padded_vocab_size, shard
 
 FULL = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
 HF_INDEX = "model.safetensors.index.json"  # Hugging Face's sharded layout (released Ouro directories)
 
 
@@ -57,8 +59,10 @@ def tensor_parallel_degree(model_dir: Path) -> int:
 
 
 def write_model_dir(output_dir: str | Path, state: dict[str, torch.Tensor], config: LoopLMConfig,
-                    trainer_state: Optional[dict] = None, tp: int = 1) -> Path:
-    """Write full tensors (released shapes) as one file, or split into `tp` shard files."""
+                    trainer_state: Optional[dict] = None, tp: int = 1,
+                    moments: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write full tensors (released shapes) as one file, or split into `tp` shard files; Adam's
+    moments, if given, as one file of full tensors (any TP degree shards them on loading)."""
     with staged_directory(output_dir) as staging:
         padded = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by)
         for rank in range(tp):
@@ -66,6 +70,8 @@ def write_model_dir(output_dir: str | Path, state: dict[str, torch.Tensor], conf
             tensors = {n: shard(t, n, rank, tp, padded if tp > 1 else None).detach().clone().contiguous()
                        for n, t in state.items()}
             save_file(tensors, str(staging / (FULL if tp == 1 else shard_file(rank, tp))))
+        if moments is not None:
+            save_file({n: t.contiguous() for n, t in moments.items()}, str(staging / OPTIMIZER_FILE))
         write_config(staging, config, trainer_state)
     return Path(output_dir)
 

@@ -38,15 +38,14 @@ def optim_states_file(pp_rank: int, tp_rank: int, dp_rank: int) -> str:
 
 class PipelineEngine:
     def __init__(self, model: LoopLM, parallel: ParallelState, param_groups: list[dict], optimizer: dict,
-                 zero_stage: int, grad_clip: float, micro_batches: int, micro_batch_shape: tuple[int, int],
-                 device: torch.device, objective: str, precision: str = "fp32"):
+                 zero_stage: int, grad_clip: float, device: torch.device, precision: str = "fp32"):
         self.module, self.parallel, self.device = model, parallel, device
         # bf16: autocast over fp32 weights (the residual stream between stages stays fp32).
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.tp = TensorParallel.from_state(parallel)
         self.grad_clip = grad_clip
-        self.pipeline = LoopedPipeline(model, parallel.pp_rank, parallel.pp, parallel.pp_group, micro_batches,
-                                       micro_batch_shape, device, objective)
+        self.pipeline: Optional[LoopedPipeline] = None  # built by configure()
+        self._pipeline_key = None
         adam = {"lr": optimizer["lr"], "betas": tuple(optimizer["betas"]), "eps": optimizer["eps"]}
         if zero_stage == 1 and parallel.dp > 1:
             self.optimizer = ZeroRedundancyOptimizer(param_groups, torch.optim.AdamW, process_group=parallel.dp_group, **adam)
@@ -56,6 +55,19 @@ class PipelineEngine:
             self._local_optimizer = self.optimizer
         self.sharded_optimizer = self._local_optimizer is not self.optimizer
         self.skipped_steps = 0
+
+    def configure(self, micro_batches: int, micro_batch_shape: tuple[int, int], objective: str) -> bool:
+        """(Re)build the schedule for this many micro-batches of this shape, the model's current loop
+        count and entropy weight, and the objective: a curriculum stage may change any of them.
+        True when it was rebuilt."""
+        config = self.module.config
+        key = (micro_batches, tuple(micro_batch_shape), objective, config.total_ut_steps, config.entropy_beta)
+        if key == self._pipeline_key:
+            return False
+        self.pipeline = LoopedPipeline(self.module, self.parallel.pp_rank, self.parallel.pp, self.parallel.pp_group,
+                                       micro_batches, micro_batch_shape, self.device, objective)
+        self._pipeline_key = key
+        return True
 
     def zero_optimization_stage(self) -> int:
         return 1 if self.sharded_optimizer else 0

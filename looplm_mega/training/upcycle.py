@@ -21,10 +21,11 @@ from safetensors import safe_open
 
 from looplm_mega.model.config import LoopLMConfig, RELEASED_FIELDS
 from looplm_mega.training.model_dir import (
-    FULL, StreamingSafetensorsWriter, full_model_files, read_config, read_trainer_state, staged_directory, write_config,
+    FULL, OPTIMIZER_FILE, StreamingSafetensorsWriter, full_model_files, read_config, read_trainer_state, staged_directory, write_config,
 )
 
-LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# A layer's tensor, or its Adam moment (exp_avg.model.layers.3....): (prefix, layer, rest of the name).
+LAYER = re.compile(r"^(.*?model\.layers\.)(\d+)\.(.+)$")
 
 
 def layer_sources(num_layers: int, factor: int, order: Literal["stacked", "interleaved"]) -> list[int]:
@@ -49,40 +50,55 @@ def read_source_config(source: Path) -> LoopLMConfig:
     raise FileNotFoundError(f"{source}: neither config.yaml nor config.json")
 
 
-def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal["stacked", "interleaved"] = "stacked",
-            keep_progress: bool = False) -> Path:
-    """Write the grown model to `output` (a model directory); returns it. With keep_progress the
-    source's trainer state (step, consumed samples) is carried, so the run continues its count."""
-    source, output = Path(source), Path(output)
-    config = read_source_config(source)
-    sources = layer_sources(config.num_hidden_layers, factor, order)
-    files = full_model_files(source)
-    # name in the output -> (file, name in the source): the non-layer tensors, then the layers in
-    # their new order.
+def _grow(files: list[Path], output: Path, sources: list[int], num_layers: int) -> None:
+    """Write the tensors of `files` to the safetensors file `output`, the layers in their new order
+    (`sources[j]`: the old layer of new layer j), one tensor at a time."""
     where = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             where.update({name: path for name in f.keys()})
+    # name in the output -> (file, name in the source): the non-layer tensors, then the layers.
     plan: dict[str, tuple[Path, str]] = {name: (path, name) for name, path in where.items() if not LAYER.match(name)}
-    by_layer: dict[int, list[str]] = {}
+    by_layer: dict[tuple[str, int], list[str]] = {}
     for name in where:
         if match := LAYER.match(name):
-            by_layer.setdefault(int(match.group(1)), []).append(name)
-    if sorted(by_layer) != list(range(config.num_hidden_layers)):
-        raise ValueError(f"{source}: the tensors hold layers {sorted(by_layer)}, the config says "
-                         f"num_hidden_layers={config.num_hidden_layers}")
-    for new, old in enumerate(sources):
-        for name in by_layer[old]:
-            plan[f"model.layers.{new}.{LAYER.match(name).group(2)}"] = (where[name], name)
+            by_layer.setdefault((match.group(1), int(match.group(2))), []).append(name)
+    for prefix in sorted({prefix for prefix, _ in by_layer}):
+        layers = sorted(layer for p, layer in by_layer if p == prefix)
+        if layers != list(range(num_layers)):
+            raise ValueError(f"{files[0].parent}: the tensors {prefix}* hold layers {layers}, the config says "
+                             f"num_hidden_layers={num_layers}")
+        for new, old in enumerate(sources):
+            for name in by_layer[(prefix, old)]:
+                plan[f"{prefix}{new}.{LAYER.match(name).group(3)}"] = (where[name], name)
     handles = {path: safe_open(str(path), framework="pt") for path in files}
     specs = {}
     for new_name, (path, name) in plan.items():
         piece = handles[path].get_slice(name)
         specs[new_name] = (piece.get_dtype(), piece.get_shape())
+    with StreamingSafetensorsWriter(output, specs) as writer:
+        for new_name, (path, name) in plan.items():
+            writer.add(new_name, handles[path].get_tensor(name))
+
+
+def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal["stacked", "interleaved"] = "stacked",
+            keep_progress: bool = False, optimizer: Literal["reset", "carry"] = "reset") -> Path:
+    """Write the grown model to `output` (a model directory); returns it. With keep_progress the
+    source's trainer state (step, consumed samples) is carried, so the run continues its count.
+    optimizer="carry": Adam's moments (the source's optimizer.safetensors, from
+    tools/convert_checkpoint.py --optimizer) are grown like the weights and kept with their step
+    count; "reset": a run started from the output begins with fresh moments."""
+    source, output = Path(source), Path(output)
+    config = read_source_config(source)
+    sources = layer_sources(config.num_hidden_layers, factor, order)
+    if optimizer == "carry" and not (source / OPTIMIZER_FILE).exists():
+        raise FileNotFoundError(f"{source / OPTIMIZER_FILE}: missing, so the optimizer state cannot be carried; "
+                                "consolidate the checkpoint with its optimizer state (--optimizer carry reads it)")
     with staged_directory(output) as staging:
-        with StreamingSafetensorsWriter(staging / FULL, specs) as writer:
-            for new_name, (path, name) in plan.items():
-                writer.add(new_name, handles[path].get_tensor(name))
-        write_config(staging, config.replace(num_hidden_layers=config.num_hidden_layers * factor),
-                     read_trainer_state(source) if keep_progress else None)
+        _grow(full_model_files(source), staging / FULL, sources, config.num_hidden_layers)
+        trainer_state = read_trainer_state(source) if keep_progress else None
+        if optimizer == "carry":
+            _grow([source / OPTIMIZER_FILE], staging / OPTIMIZER_FILE, sources, config.num_hidden_layers)
+            trainer_state = {**(trainer_state or {}), "adam_step": read_trainer_state(source)["adam_step"]}
+        write_config(staging, config.replace(num_hidden_layers=config.num_hidden_layers * factor), trainer_state)
     return output

@@ -1,13 +1,12 @@
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
 from looplm_mega.data.builder import build_datasets
 from looplm_mega.data.config import DataConfig
 from looplm_mega.data.gpt_dataset import collate_batch
-from looplm_mega.data.sampler import PretrainingSampler, SamplerStage, StagedSampler
+from looplm_mega.data.sampler import PretrainingSampler
 from tests.data.synthetic_datasets import write_random_dataset
 
 
@@ -70,31 +69,6 @@ def test_resume_through_a_data_loader_reads_the_same_tokens(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_a_curriculum_resumes_inside_any_stage(tmp_path):
-    write_random_dataset(tmp_path / "data", num_documents=80, seed=2)
-    stages = [DataConfig(prefixes=[str(tmp_path / "data")], split="1", seq_length=seq_length, seed=5,
-                         cache_dir=str(tmp_path / "cache")) for seq_length in (8, 16)]
-    sampler_stages = [SamplerStage(num_samples=40, global_batch_size=8, micro_batch_size=2),
-                      SamplerStage(num_samples=24, global_batch_size=4, micro_batch_size=1)]
-
-    def run(stage, consumed_samples):
-        # A fresh process would rebuild (or load) each stage's datasets from its config.
-        datasets = [build_datasets(c, {"train": s.num_samples})[0] for c, s in zip(stages, sampler_stages)]
-        sampler = StagedSampler(sampler_stages, data_parallel_rank=0, data_parallel_size=2, stage=stage,
-                                consumed_samples=consumed_samples)
-        return [(i, np.stack([datasets[i][k]["tokens"] for k in micro_batch])) for i, micro_batch in sampler]
-
-    uninterrupted = run(0, 0)
-    stage_of = [i for i, _ in uninterrupted]
-    assert stage_of == [0] * 10 + [1] * 12
-    assert uninterrupted[0][1].shape == (2, 9) and uninterrupted[-1][1].shape == (1, 17)
-    for stage, consumed, skipped in [(0, 16, 4), (1, 0, 10), (1, 12, 16)]:
-        resumed = run(stage, consumed)
-        assert len(resumed) == len(uninterrupted) - skipped
-        for (i, a), (j, b) in zip(uninterrupted[skipped:], resumed):
-            assert i == j and np.array_equal(a, b)
-
-
 def test_bad_batch_settings_are_refused():
     with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple of "
                                          "micro_batch_size=2 x data_parallel_size=4"):
@@ -103,7 +77,3 @@ def test_bad_batch_settings_are_refused():
         PretrainingSampler(100, 8, 2, 2, 2)
     with pytest.raises(ValueError, match="consumed_samples=101"):
         PretrainingSampler(100, 8, 2, 0, 2, consumed_samples=101)
-    with pytest.raises(ValueError, match="stage 1: global_batch_size=6"):
-        StagedSampler([SamplerStage(10, 4, 2), SamplerStage(10, 6, 2)], 0, 2)
-    with pytest.raises(ValueError, match="stage=2 outside the 2 stages"):
-        StagedSampler([SamplerStage(10, 4, 2), SamplerStage(10, 4, 2)], stage=2)

@@ -19,9 +19,9 @@ def _config(**sections):
 def test_batch_plan_and_token_budgets():
     config = _config(training={"global_batch_size": None, "global_batch_tokens": 1024, "train_steps": None, "train_tokens": 10_000})
     assert config.global_batch_size == 16 and config.train_steps == 10  # ceil(10000 / 1024)
-    assert config.gradient_accumulation_steps(data_parallel_size=2) == 4
-    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size=2 x 3 data-parallel ranks"):
-        config.gradient_accumulation_steps(data_parallel_size=3)
+    config.check_batches(data_parallel_size=2)
+    with pytest.raises(ConfigError, match="16 samples is not a multiple of micro_batch_size=2 x 3 data-parallel ranks"):
+        config.check_batches(data_parallel_size=3)
 
 
 @pytest.mark.parametrize("sections, fragment", [
@@ -62,9 +62,13 @@ def test_yaml_with_dotted_overrides(tmp_path):
         load_run_config(path, ["--training.train_steps", "many"])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs" / "run").glob("*.yaml")))
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted([*(CONFIGS / "run").glob("*.yaml"), *(CONFIGS / "curriculum").glob("*.yaml")]),
+                         ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_ready_run_configs_load(path, monkeypatch):
     monkeypatch.chdir(path.parents[2])  # they name configs/deepspeed/*.json relative to the repository
     config = load_run_config(path)
     assert config.train_steps >= 1 and config.model_config().num_hidden_layers >= 1
-    assert config.gradient_accumulation_steps(2) >= 1
+    config.check_batches(2)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from looplm_mega.parallel.pipeline import build_pipeline_model
 from looplm_mega.parallel.state import initialize_parallel
 from looplm_mega.training.pipeline_engine import PipelineEngine
-from looplm_mega.training.trainer import parameter_groups
+from looplm_mega.training.optimizer import parameter_groups
 
 from tests.distributed import run_distributed
 from tests.helpers import tiny_config
@@ -20,8 +20,8 @@ def _engine_steps() -> None:
     torch.manual_seed(0)
     model = build_pipeline_model(tiny_config(num_hidden_layers=2), state.pp_rank, 2)
     engine = PipelineEngine(model, state, parameter_groups(model, 0.1), {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8},
-                            zero_stage=0, grad_clip=1e-3, micro_batches=2, micro_batch_shape=(2, 8),
-                            device=torch.device("cpu"), objective="stage1")
+                            zero_stage=0, grad_clip=1e-3, device=torch.device("cpu"))
+    assert engine.configure(2, (2, 8), "stage1") and not engine.configure(2, (2, 8), "stage1")
     ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     metrics = engine.train_batch(ids, ids, None)

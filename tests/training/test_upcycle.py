@@ -43,6 +43,23 @@ def test_upcycle_duplicates_layers_in_order_and_copies_the_rest(source, tmp_path
     model.load_full_state_dict(grown)  # loads strictly
 
 
+def test_upcycle_carries_the_moments_like_the_weights_or_refuses_without_them(source, tmp_path):
+    model_dir, state = source
+    with pytest.raises(FileNotFoundError, match="optimizer.safetensors: missing, so the optimizer state cannot be carried"):
+        upcycle(model_dir, tmp_path / "big", 2, "stacked", optimizer="carry")
+    moments = {f"{m}.{n}": torch.randn(t.shape) for n, t in state.items() for m in ("exp_avg", "exp_avg_sq")}
+    config = read_config(model_dir)
+    with_moments = write_model_dir(tmp_path / "with", state, config, {"adam_step": 7}, moments=moments)
+    out = upcycle(with_moments, tmp_path / "big", 2, "stacked", optimizer="carry")
+    grown = load_file(str(out / "optimizer.safetensors"))
+    assert len(grown) == 2 * len(read_full_state(out))
+    for new, old in enumerate(layer_sources(3, 2, "stacked")):
+        name = "mlp.gate_proj.weight"
+        assert torch.equal(grown[f"exp_avg_sq.model.layers.{new}.{name}"], moments[f"exp_avg_sq.model.layers.{old}.{name}"])
+    assert torch.equal(grown["exp_avg.model.norm.weight"], moments["exp_avg.model.norm.weight"])
+    assert json.loads((out / "trainer_state.json").read_text()) == {"adam_step": 7}
+
+
 def test_upcycle_reads_a_sharded_hugging_face_directory(source, tmp_path):
     model_dir, state = source
     hf = tmp_path / "hf"
