@@ -177,13 +177,17 @@ class StageConfig:
     loops: Optional[int] = None  # total_ut_steps from this stage on
     entropy_beta: Optional[float] = None
     rope_theta: Optional[float] = None
-    rope_anneal_steps: int = 0  # 0: switch at the boundary; else geometric steps from the old base
+    # 0: switch at the boundary; else move geometrically from the old base over this many steps,
+    # or over the steps that read rope_anneal_tokens tokens (set at most one of the two).
+    rope_anneal_steps: int = 0
+    rope_anneal_tokens: Optional[int] = None
     lr: Optional[float] = None
     min_lr: Optional[float] = None
     schedule: Optional[ScheduleConfig] = None  # this stage's LR schedule (None: the run's `schedule`)
     # stage1: LM and gate (Ouro's Stage I); stage2: the gate alone with the adaptive loss, every
     # other parameter frozen. None: the objective in force (training.objective for the first stage).
-    objective: Optional[Literal["stage1", "stage2"]] = None
+    # ("stage2_gate" is another name for stage2.)
+    objective: Optional[Literal["stage1", "stage2", "stage2_gate"]] = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters frozen in this stage
     # A new sequence length rebuilds the data indices; the batch stays global_batch_tokens tokens.
     seq_length: Optional[int] = None
@@ -205,6 +209,11 @@ class StageConfig:
             raise ConfigError(f"{where}: rope_theta={self.rope_theta} must be positive")
         if self.rope_anneal_steps < 0:
             raise ConfigError(f"{where}: rope_anneal_steps={self.rope_anneal_steps} must be >= 0")
+        if self.rope_anneal_tokens is not None and (self.rope_anneal_tokens < 1 or self.rope_anneal_steps):
+            raise ConfigError(f"{where}: rope_anneal_tokens={self.rope_anneal_tokens} must be at least 1, "
+                              "and rope_anneal_steps left out")
+        if self.objective == "stage2_gate":
+            self.objective = "stage2"
         if self.entropy_beta is not None and self.entropy_beta < 0:
             raise ConfigError(f"{where}: entropy_beta={self.entropy_beta} must be non-negative")
 

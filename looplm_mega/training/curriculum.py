@@ -11,7 +11,7 @@ is in the right stage at the right position.
       - {name: stable, train_tokens: 1.0e12, loops: 8, entropy_beta: 0.1, rope_theta: 10000,
          batch_ramp: {start_tokens: 4194304, increment_tokens: 1048576, ramp_tokens: 1.0e11}}
       - {name: anneal, train_tokens: 2.0e11, loops: 4, entropy_beta: 0.05, rope_theta: 40000,
-         rope_anneal_steps: 500, seq_length: 16384, micro_batch_size: 1,
+         rope_anneal_tokens: 4.0e9, seq_length: 16384, micro_batch_size: 1,
          lr: 3.0e-4, min_lr: 3.0e-5, schedule: {kind: cosine}, data: {prefixes: [...], weights: [...]}}
 
 A field left out keeps the value in force (the previous stage's, or the run's model, data,
@@ -105,6 +105,17 @@ def batch_phases(where: str, batch_tokens: int, ramp: Optional[BatchRamp], seq_l
     return phases
 
 
+def _steps_to_read(phases: list[tuple[int, int]], tokens: int, seq_length: int) -> int:
+    """The number of steps from a stage's start that read at least `tokens` tokens."""
+    steps = 0
+    for phase_steps, samples in phases:
+        batch = samples * seq_length
+        if tokens <= phase_steps * batch:
+            return steps + -(-tokens // batch)
+        steps, tokens = steps + phase_steps, tokens - phase_steps * batch
+    return steps
+
+
 class Curriculum:
     def __init__(self, stages: list[StageConfig], base: dict, implicit: bool = False):
         """base: the values before the first stage, from the run's sections: loops, entropy_beta,
@@ -119,6 +130,7 @@ class Curriculum:
         self.stages, self.implicit = stages, implicit
         self.states: list[StageState] = []
         self._anneal_from: list[float] = []  # the RoPE base each stage starts from
+        self._anneal_steps: list[int] = []  # over how many steps it moves to the stage's
         self._phase_starts: list[int] = []  # first step of every batch phase
         self._phase_samples: list[int] = []
         start, segment, data_key = 0, 0, None
@@ -163,6 +175,8 @@ class Curriculum:
                 current["seq_length"], current["micro_batch_size"], current["global_batch_tokens"], data, segment,
                 current["num_layers"], stage.upcycle))
             self._anneal_from.append(previous_theta)
+            self._anneal_steps.append(stage.rope_anneal_steps if stage.rope_anneal_tokens is None else
+                                      _steps_to_read(phases, stage.rope_anneal_tokens, current["seq_length"]))
             start += steps
         self.total_steps = start
 
@@ -207,7 +221,7 @@ class Curriculum:
         """The RoPE base at `step`: the stage's, or on the way there (geometric in the base, so the
         rotary wavelengths move evenly) during its first rope_anneal_steps."""
         state = self.at(step)
-        span = self.stages[state.index].rope_anneal_steps
+        span = self._anneal_steps[state.index]
         into = step - state.start
         if span == 0 or into >= span:
             return state.rope_theta

@@ -24,10 +24,10 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from looplm_mega.config import load_yaml, save_yaml
 from looplm_mega.model.config import LoopLMConfig
@@ -58,22 +58,56 @@ def tensor_parallel_degree(model_dir: Path) -> int:
     return tp
 
 
-def write_model_dir(output_dir: str | Path, state: dict[str, torch.Tensor], config: LoopLMConfig,
+def write_model_dir(output_dir: str | Path, state: Mapping[str, "TensorLike"], config: LoopLMConfig,
                     trainer_state: Optional[dict] = None, tp: int = 1,
-                    moments: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                    moments: Optional[Mapping[str, "TensorLike"]] = None) -> Path:
     """Write full tensors (released shapes) as one file, or split into `tp` shard files; Adam's
-    moments, if given, as one file of full tensors (any TP degree shards them on loading)."""
+    moments, if given, as one file of full tensors (any TP degree shards them on loading). Values
+    may be lazy (MergedTensor, DeepSpeed's GatheredTensor): they are read one at a time, so memory
+    stays at the largest tensor."""
     with staged_directory(output_dir) as staging:
-        padded = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by)
+        padded = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by) if tp > 1 else None
         for rank in range(tp):
-            # safetensors refuses tensors that share memory (a tied head): each is stored on its own.
-            tensors = {n: shard(t, n, rank, tp, padded if tp > 1 else None).detach().clone().contiguous()
-                       for n, t in state.items()}
-            save_file(tensors, str(staging / (FULL if tp == 1 else shard_file(rank, tp))))
+            write_tensors(staging / (FULL if tp == 1 else shard_file(rank, tp)), state,
+                          lambda name, t: shard(t, name, rank, tp, padded))
         if moments is not None:
-            save_file({n: t.contiguous() for n, t in moments.items()}, str(staging / OPTIMIZER_FILE))
+            write_tensors(staging / OPTIMIZER_FILE, moments)
         write_config(staging, config, trainer_state)
     return Path(output_dir)
+
+
+class MergedTensor:
+    """A full tensor from its TP shards (tensors, memory-mapped tensors or lazy ones), merged only
+    when read; shape and dtype come from merging meta tensors."""
+
+    def __init__(self, shards: list, name: str, vocab_size: Optional[int] = None):
+        self.shards, self.name, self.vocab_size = shards, name, vocab_size
+        meta = merge([as_meta(s) for s in shards], name, vocab_size)
+        self.shape, self.dtype = meta.shape, torch.float32
+
+    def contiguous(self) -> torch.Tensor:
+        return merge([materialize(s) for s in self.shards], self.name, self.vocab_size).float().contiguous()
+
+
+TensorLike = Union[torch.Tensor, MergedTensor]  # or anything with shape, dtype and contiguous()
+
+
+def as_meta(t) -> torch.Tensor:
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+
+
+def materialize(t) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else t.contiguous()
+
+
+def write_tensors(path: Path, tensors: Mapping[str, "TensorLike"],
+                  transform: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t) -> None:
+    """A safetensors file of `transform(name, tensor)` for every tensor, read and written one at a
+    time; shapes are worked out on meta tensors first (the header precedes the data)."""
+    specs = {name: (_DTYPE_NAMES[t.dtype], list(transform(name, as_meta(t)).shape)) for name, t in tensors.items()}
+    with StreamingSafetensorsWriter(path, specs) as writer:
+        for name, t in tensors.items():
+            writer.add(name, transform(name, materialize(t)).to(t.dtype).contiguous())
 
 
 @contextlib.contextmanager
@@ -139,6 +173,9 @@ def read_rank_state(model_dir: str | Path, rank: int, tp: int) -> Optional[dict[
 
 
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
 
 
 class StreamingSafetensorsWriter:

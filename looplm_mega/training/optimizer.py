@@ -19,8 +19,7 @@ import torch
 
 from looplm_mega.config import from_dict
 from looplm_mega.model.config import LoopLMConfig
-from looplm_mega.parallel.tensor_parallel import merge
-from looplm_mega.training.model_dir import OPTIMIZER_FILE
+from looplm_mega.training.model_dir import OPTIMIZER_FILE, MergedTensor
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -68,7 +67,7 @@ def _from_torch_state(state_dict: dict, names: list[str]) -> tuple[dict[str, tor
         if entry is None:
             continue  # never stepped (no gradient yet): zero moments, as a fresh Adam has
         for moment in MOMENTS:
-            moments[moment_key(moment, name)] = entry[moment].float()
+            moments[moment_key(moment, name)] = entry[moment]
         step = max(step, int(entry["step"]))
     return moments, step
 
@@ -81,7 +80,7 @@ def _zero_moments(view: Path) -> tuple[dict[str, torch.Tensor], int]:
 
     model_states = z.parse_model_states(z.get_model_state_files(str(view)))
     files = z.get_optim_files(str(view))
-    states = [torch.load(f, map_location="cpu", weights_only=False)[z.OPTIMIZER_STATE_DICT] for f in files]
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)[z.OPTIMIZER_STATE_DICT] for f in files]
     stage, world = states[0][z.ZERO_STAGE], states[0][z.PARTITION_COUNT]
     world = max(world) if isinstance(world, list) else world
     parameters = set(model_states[0].param_shapes[0]) if len(model_states[0].param_shapes) == 1 else {
@@ -101,15 +100,15 @@ def _zero_moments(view: Path) -> tuple[dict[str, torch.Tensor], int]:
                      for s in states]
             merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, False)
             base = states[0][z.OPTIMIZER_STATE_DICT]["state"]
-        moments.update({moment_key(moment, n): t.float() for n, t in merged.items() if n in parameters})
+        moments.update({moment_key(moment, n): t for n, t in merged.items() if n in parameters})  # ZeRO-3: lazy
         step = max(int(entry["step"]) for entry in base.values())
     return moments, step
 
 
 def consolidated_moments(checkpoint_dir: Path, tag: str, trainer_state: dict,
-                         model_config: LoopLMConfig) -> tuple[dict[str, torch.Tensor], int]:
-    """Full moments of every parameter (TP shards merged, pipeline parts joined, vocabulary padding
-    removed) and Adam's step, from any checkpoint of ours."""
+                         model_config: LoopLMConfig) -> tuple[dict[str, MergedTensor], int]:
+    """Full moments of every parameter, read when asked (TP shards merged, pipeline parts joined,
+    vocabulary padding removed), and Adam's step, from any checkpoint of ours."""
     path = checkpoint_dir / tag
     vocab = model_config.vocab_size
     pipelined = sorted(path.glob("pp_rank_*_optim_states.pt"))
@@ -122,7 +121,7 @@ def consolidated_moments(checkpoint_dir: Path, tag: str, trainer_state: dict,
         for pp_rank in range(pp):
             names = _parameter_order(trainer_state["config"], model_config, pp_rank, pp)
             files = sorted(path.glob(f"pp_rank_{pp_rank:02d}_mp_rank_*_dp_rank_000_optim_states.pt"))
-            ranks = [_from_torch_state(torch.load(f, map_location="cpu", weights_only=False), names) for f in files]
+            ranks = [_from_torch_state(torch.load(f, map_location="cpu", weights_only=False, mmap=True), names) for f in files]
             moments.update(_merge_ranks([m for m, _ in ranks], vocab))
             step = max([step] + [s for _, s in ranks])
         return moments, step
@@ -136,7 +135,8 @@ def consolidated_moments(checkpoint_dir: Path, tag: str, trainer_state: dict,
                     (Path(view) / f.name.replace(f"mp_rank_{tp_rank:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
                 ranks.append(_zero_moments(Path(view)))
         else:  # ZeRO-0: the torch optimizer's state sits in the model states file
-            saved = torch.load(path / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)
+            saved = torch.load(path / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False,
+                               mmap=True)
             if "state" not in (saved.get("optimizer") or {}):
                 raise ValueError(f"{path}: no torch optimizer states in the ZeRO-0 checkpoint (bf16 without ZeRO keeps "
                                  "its own format); carrying moments needs fp32 or ZeRO 1-3")
@@ -144,9 +144,9 @@ def consolidated_moments(checkpoint_dir: Path, tag: str, trainer_state: dict,
     return _merge_ranks([m for m, _ in ranks], vocab), max(s for _, s in ranks)
 
 
-def _merge_ranks(ranks: list[dict[str, torch.Tensor]], vocab_size: int) -> dict[str, torch.Tensor]:
-    """Merge the TP ranks' moment shards the way their parameters merge."""
-    return {key: merge([r[key] for r in ranks], key.split(".", 1)[1], vocab_size) for key in ranks[0]}
+def _merge_ranks(ranks: list[dict], vocab_size: int) -> dict[str, MergedTensor]:
+    """Merge the TP ranks' moment shards the way their parameters merge (when each is read)."""
+    return {key: MergedTensor([r[key] for r in ranks], key.split(".", 1)[1], vocab_size) for key in ranks[0]}
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ def test_stage2_trains_the_gate_alone_and_freeze_patterns_hold_parameters(datase
     from looplm_mega.training.consolidate import consolidate
 
     stages = [{"name": "lm", "train_steps": 2},
-              {"name": "gate", "train_steps": 2, "objective": "stage2"},
+              {"name": "gate", "train_steps": 2, "objective": "stage2_gate"},
               {"name": "no_layers", "train_steps": 2, "objective": "stage1", "freeze": ["model.layers.*"]}]
     config = run_config(dataset, tmp_path, curriculum=stages, deepspeed={"zero_stage": 2},
                         training={"train_steps": None, "save_interval": 0})
@@ -155,6 +155,13 @@ def test_seq_length_batch_ramp_and_data_are_laid_out_per_stage(dataset, other_da
     assert (long.seq_length, long.micro_batch_size, long.global_batch_tokens, long.segment) == (64, 1, 256, 1)
     assert long.data.prefixes == [other_dataset] and long.data.seed == plan.states[0].data.seed + 1
     assert plan.segment_steps(0) == range(0, 10) and plan.segment_steps(1) == range(10, 13)
+    # RoPE annealed over a token span: 500 tokens at 128 a step (the ramp's start) take 4 steps; 600 take 5.
+    stages = [{**_staged_data(dataset, other_dataset)[0], "rope_theta": 40000.0, "rope_anneal_tokens": 500}]
+    plan = run_config(dataset, tmp_path, curriculum=stages, training={"train_steps": None}).curriculum_plan()
+    assert [round(plan.rope_theta(step)) for step in range(6)] == [14142, 20000, 28284, 40000, 40000, 40000]
+    stages[0]["rope_anneal_tokens"] = 600
+    plan = run_config(dataset, tmp_path, curriculum=stages, training={"train_steps": None}).curriculum_plan()
+    assert round(plan.rope_theta(3)) == 30314 and plan.rope_theta(4) == 40000
 
 
 @pytest.mark.parametrize("stage, message", [

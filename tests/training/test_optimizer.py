@@ -39,7 +39,8 @@ def _config(dataset, run_dir, layout: dict, **training):
 @pytest.mark.parametrize("source, target", [
     ({"zero": 2, "processes": 2}, {"pp": 2, "processes": 2}),
     ({"pp": 2, "processes": 2}, {"zero": 3, "processes": 2}),
-], ids=["zero2_dp2_to_pp2", "pp2_to_zero3_dp2"])
+    ({"zero": 3, "processes": 2}, {"zero": 0, "processes": 1}),
+], ids=["zero2_dp2_to_pp2", "pp2_to_zero3_dp2", "zero3_dp2_to_zero0"])
 def test_a_run_continued_with_its_moments_at_another_layout_repeats_the_run(dataset, tmp_path, source, target):
     run_distributed(_pretrain, source["processes"], _config(dataset, tmp_path / "a", source))
     model_dir = tmp_path / "model"
