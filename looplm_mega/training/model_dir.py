@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from looplm_mega.config import load_yaml, save_yaml
@@ -104,10 +105,11 @@ def write_tensors(path: Path, tensors: Mapping[str, "TensorLike"],
                   transform: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t) -> None:
     """A safetensors file of `transform(name, tensor)` for every tensor, read and written one at a
     time; shapes are worked out on meta tensors first (the header precedes the data)."""
-    specs = {name: (_DTYPE_NAMES[t.dtype], list(transform(name, as_meta(t)).shape)) for name, t in tensors.items()}
+    out = {name: transform(name, as_meta(t)) for name, t in tensors.items()}
+    specs = {name: (_DTYPE_NAMES[meta.dtype], list(meta.shape)) for name, meta in out.items()}
     with StreamingSafetensorsWriter(path, specs) as writer:
         for name, t in tensors.items():
-            writer.add(name, transform(name, materialize(t)).to(t.dtype).contiguous())
+            writer.add(name, transform(name, materialize(t)).to(out[name].dtype).contiguous())
 
 
 @contextlib.contextmanager
@@ -153,6 +155,27 @@ def read_trainer_state(model_dir: str | Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class SafetensorsEntry:
+    """One tensor of a safetensors file, read when asked (shape and dtype from the header)."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+        piece = handle.get_slice(name)
+        self.shape, self.dtype = torch.Size(piece.get_shape()), _DTYPES[piece.get_dtype()]
+
+    def contiguous(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.name)
+
+
+def lazy_tensors(files: list[Path]) -> dict[str, SafetensorsEntry]:
+    """Every tensor of some safetensors files, by name, read only when asked."""
+    entries = {}
+    for path in files:
+        handle = safe_open(str(path), framework="pt")
+        entries.update({name: SafetensorsEntry(handle, name) for name in handle.keys()})
+    return entries
+
+
 def read_full_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full tensors with the released shapes, whichever way the directory is split."""
     model_dir = Path(model_dir)
@@ -176,6 +199,7 @@ _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32":
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 class StreamingSafetensorsWriter:

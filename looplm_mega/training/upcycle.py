@@ -12,16 +12,15 @@ model (model_dir.StreamingSafetensorsWriter).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
 
-from safetensors import safe_open
-
-from looplm_mega.model.config import LoopLMConfig, RELEASED_FIELDS
+from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.training.hf_format import read_hf_config
 from looplm_mega.training.model_dir import (
-    FULL, OPTIMIZER_FILE, StreamingSafetensorsWriter, full_model_files, read_config, read_trainer_state, staged_directory, write_config,
+    FULL, OPTIMIZER_FILE, full_model_files, lazy_tensors, read_config, read_trainer_state, staged_directory, write_config,
+    write_tensors,
 )
 
 # A layer's tensor, or its Adam moment (exp_avg.model.layers.3....): (prefix, layer, rest of the name).
@@ -43,24 +42,17 @@ def read_source_config(source: Path) -> LoopLMConfig:
     """config.yaml of our model directories, or the released config.json of a Hugging Face Ouro directory."""
     if (source / "config.yaml").exists():
         return read_config(source)
-    released = source / "config.json"
-    if released.exists():
-        fields = json.loads(released.read_text())
-        return LoopLMConfig(**{k: fields[k] for k in RELEASED_FIELDS if k in fields})
-    raise FileNotFoundError(f"{source}: neither config.yaml nor config.json")
+    return read_hf_config(source)
 
 
 def _grow(files: list[Path], output: Path, sources: list[int], num_layers: int) -> None:
     """Write the tensors of `files` to the safetensors file `output`, the layers in their new order
     (`sources[j]`: the old layer of new layer j), one tensor at a time."""
-    where = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            where.update({name: path for name in f.keys()})
-    # name in the output -> (file, name in the source): the non-layer tensors, then the layers.
-    plan: dict[str, tuple[Path, str]] = {name: (path, name) for name, path in where.items() if not LAYER.match(name)}
+    entries = lazy_tensors(files)
+    # The output: the non-layer tensors, then the layers (of each prefix) in their new order.
+    plan = {name: entry for name, entry in entries.items() if not LAYER.match(name)}
     by_layer: dict[tuple[str, int], list[str]] = {}
-    for name in where:
+    for name in entries:
         if match := LAYER.match(name):
             by_layer.setdefault((match.group(1), int(match.group(2))), []).append(name)
     for prefix in sorted({prefix for prefix, _ in by_layer}):
@@ -70,15 +62,8 @@ def _grow(files: list[Path], output: Path, sources: list[int], num_layers: int) 
                              f"num_hidden_layers={num_layers}")
         for new, old in enumerate(sources):
             for name in by_layer[(prefix, old)]:
-                plan[f"{prefix}{new}.{LAYER.match(name).group(3)}"] = (where[name], name)
-    handles = {path: safe_open(str(path), framework="pt") for path in files}
-    specs = {}
-    for new_name, (path, name) in plan.items():
-        piece = handles[path].get_slice(name)
-        specs[new_name] = (piece.get_dtype(), piece.get_shape())
-    with StreamingSafetensorsWriter(output, specs) as writer:
-        for new_name, (path, name) in plan.items():
-            writer.add(new_name, handles[path].get_tensor(name))
+                plan[f"{prefix}{new}.{LAYER.match(name).group(3)}"] = entries[name]
+    write_tensors(output, plan)
 
 
 def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal["stacked", "interleaved"] = "stacked",

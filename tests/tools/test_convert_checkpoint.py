@@ -46,3 +46,16 @@ def test_a_missing_shard_or_a_wrong_directory_is_named(whole, tmp_path):
     done = convert("--model", tmp_path, "--output", tmp_path / "out")
     assert done.returncode != 0 and "neither model.safetensors nor" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_to_hf_and_back_through_the_tool(whole, tmp_path):
+    model_dir, state = whole
+    done = convert("--model", model_dir, "--to-hf", tmp_path / "hf", "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert "config.json" in done.stdout and "generation_config.json" in done.stdout
+    done = convert("--from-hf", tmp_path / "hf", "--output", tmp_path / "back", "--tp", 2)
+    assert done.returncode == 0, done.stderr
+    back = read_full_state(tmp_path / "back")
+    assert back.keys() == state.keys() and all(torch.equal(back[n], t) for n, t in state.items())
+    done = convert("--from-hf", tmp_path / "hf", "--to-hf", tmp_path / "again")
+    assert done.returncode != 0 and "nothing to convert" in done.stderr
