@@ -6,8 +6,9 @@
 3. tools/preprocess_data.py: the corpus to Megatron .bin/.idx shards;
 4. `deepspeed --num_gpus 2 --module looplm_mega.pretrain` with configs/run/tiny_cpu.yaml: the tiny
    LoopLM (1 shared layer x 4 loops), ZeRO-2, two gloo processes, validation CE per loop step;
-5. tools/convert_checkpoint.py: the checkpoint to one safetensors model;
-6. a few lines generated from a prompt.
+5. tools/convert_checkpoint.py: the checkpoint to one safetensors model, and to the released Ouro
+   (Hugging Face) format;
+6. a few lines generated from two prompts (KV cache, Q-exit early exit), with loops per token.
 
     python examples/quickstart.py [--out runs/quickstart] [--steps 300] [--processes 2] [--section.field value ...]
     python examples/quickstart.py --config configs/curriculum/tiny_cpu.yaml    # Ouro's curriculum in miniature
@@ -23,32 +24,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from looplm_mega.data.stdlib_corpus import stdlib_documents, write_stdlib_jsonl  # noqa: E402
 from looplm_mega.data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
-from looplm_mega.model import LoopLM  # noqa: E402
+from looplm_mega.inference.exit_rules import ExitRule  # noqa: E402
+from looplm_mega.inference.generate import GenerationConfig  # noqa: E402
+from looplm_mega.inference.loading import load_model  # noqa: E402
+from looplm_mega.inference.text import generate_text  # noqa: E402
 from looplm_mega.training.distributed import free_port  # noqa: E402
-from looplm_mega.training.model_dir import read_config, read_full_state  # noqa: E402
 
 
 def run(command: list[str]) -> None:
     print(f"\n$ {shlex.join(command)}", flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
-
-
-@torch.no_grad()
-def generate(model: LoopLM, tokenizer, prompt: str, new_tokens: int, temperature: float = 0.7) -> str:
-    """Sampling from the last loop's read-out, recomputing the whole prefix for each token."""
-    ids = torch.tensor([tokenizer.encode(prompt).ids])
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(new_tokens):
-        last = model(ids).hidden_states[-1][:, -1]
-        probs = torch.softmax(model.lm_head(last) / temperature, dim=-1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    return tokenizer.decode(ids[0].tolist())
 
 
 def main(argv=None) -> None:
@@ -85,11 +75,17 @@ def main(argv=None) -> None:
     print(f"loop {len(per_step)} vs loop 1: {per_step[-1] - per_step[0]:+.3f} nats")
 
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(out / "model")])
-    model = LoopLM(read_config(out / "model")).eval()
-    model.load_full_state_dict(read_full_state(out / "model"))
+    run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--to-hf", str(out / "hf"),
+         "--tokenizer", str(out / "tokenizer.json")])
+    model = load_model(out / "model")
     tokenizer = load_tokenizer(out / "tokenizer.json")
-    for prompt in ("def ", "import "):
-        print(f"\n--- {prompt!r} ->\n{generate(model, tokenizer, prompt, 48)}")
+    prompts = ["def ", "import "]
+    config = GenerationConfig(max_new_tokens=48, temperature=0.7, top_p=0.95, exit=ExitRule("q_exit", threshold=0.9))
+    texts, result = generate_text(model, tokenizer, prompts, config)
+    for prompt, text in zip(prompts, texts):
+        print(f"\n--- {prompt!r} ->\n{prompt}{text}")
+    print(f"\n[generation with Q-exit (q = 0.9): {result.loops_per_token:.2f} loops per token of "
+          f"{model.config.total_ut_steps}, {result.tokens_per_second:.0f} tokens/s]")
     print(f"\ndone in {time.time() - start:.0f}s; run directory {run_dir}")
 
 

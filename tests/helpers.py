@@ -26,3 +26,17 @@ def build_model(seed: int = 0, **overrides) -> LoopLM:
 
 def grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def write_tiny_model_and_tokenizer(root, total_ut_steps: int = 4):
+    """A random tiny model directory (root/model) and a byte-level BPE tokenizer (root/tokenizer.json)
+    trained on a few lines of Python, for the inference and evaluation tools."""
+    from looplm_mega.data.tokenizer import train_bpe_tokenizer
+    from looplm_mega.training.model_dir import write_model_dir
+
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n"] * 30, 300,
+                                    root / "tokenizer.json")
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), make_vocab_size_divisible_by=1, total_ut_steps=total_ut_steps)
+    torch.manual_seed(0)
+    write_model_dir(root / "model", LoopLM(config).state_dict(), config)
+    return root / "model", root / "tokenizer.json"

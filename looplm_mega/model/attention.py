@@ -44,13 +44,17 @@ def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AttentionMask:
-    """Causal attention, optionally restricted to tokens of the same document (segment)."""
+    """Causal attention, optionally restricted to tokens of the same document (segment); or,
+    when decoding with a KV cache (queries fewer than keys, padded rows), an explicit mask."""
 
     segment_ids: Optional[torch.Tensor] = None  # [B, S] non-decreasing along S, or None
+    allowed: Optional[torch.Tensor] = None  # [B, 1, S_query, S_key] boolean, or None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def dense(self) -> torch.Tensor:
         """Boolean [B, 1, S, S] mask for SDPA: True where a query may attend to a key."""
+        if self.allowed is not None:
+            return self.allowed
         if "dense" not in self._cache:
             seg = self.segment_ids
             s = seg.shape[1]
@@ -88,8 +92,9 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "auto") -> torch.Tensor:
-    """q: [B, S, Hq, D], k/v: [B, S, Hkv, D] (Hq a multiple of Hkv) -> [B, S, Hq, D]."""
-    if resolve_backend(backend, q) == "flash":
+    """q: [B, S, Hq, D], k/v: [B, S_key, Hkv, D] (Hq a multiple of Hkv) -> [B, S, Hq, D]. An explicit
+    mask (cached decoding) always goes through SDPA, whose CUDA kernels take arbitrary masks."""
+    if mask.allowed is None and resolve_backend(backend, q) == "flash":
         return _flash(q, k, v, mask)
     return _sdpa(q, k, v, mask)
 
@@ -99,7 +104,7 @@ def _sdpa(q, k, v, mask: AttentionMask):
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if mask.segment_ids is None:
+    if mask.segment_ids is None and mask.allowed is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())

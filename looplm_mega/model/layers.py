@@ -7,6 +7,8 @@ in one collective on the way in and one on the way out. With TP = 1 those are th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,9 @@ from torch import nn
 from looplm_mega.model.attention import AttentionMask, attention
 from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.parallel.tensor_parallel import TensorParallel
+
+if TYPE_CHECKING:
+    from looplm_mega.inference.kv_cache import KVCacheSlot
 
 SINGLE = TensorParallel()
 
@@ -98,13 +103,18 @@ class Attention(nn.Module):
             mark_tensor_parallel(column, 0, tp)
         mark_tensor_parallel(self.o_proj, 1, tp)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                cache: Optional["KVCacheSlot"] = None) -> torch.Tensor:
+        """With a cache (decoding: inference.kv_cache), this call's keys and values are stored in it
+        and the queries attend to everything it holds for this layer and loop step."""
         x = self.tp.enter(x)
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         out = attention(q, k, v, mask, backend=self.backend)
         return self.tp.exit(self.o_proj(out.reshape(b, s, -1)))
 
@@ -161,6 +171,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps, tp)
         self.post_attention_layernorm_2 = RMSNorm(hidden, eps, tp)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
-        h = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), rope, mask))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                cache: Optional["KVCacheSlot"] = None) -> torch.Tensor:
+        h = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), rope, mask, cache))
         return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h)))

@@ -7,7 +7,7 @@
 RoPE cos/sin are the same in every loop. Parameter names are those of the released checkpoints
 (model.embed_tokens, model.layers.{i}..., model.norm, model.early_exit_gate, lm_head), so the
 state dict is the released format as it is, except that the embedding and head rows are padded to
-LoopLMConfig.make_vocab_size_divisible_by (full_state_dict / load_full_state_dict convert).
+LoopLMConfig.make_vocab_size_divisible_by (load_full_state_dict pads released tensors to them).
 
 With a TensorParallel of size > 1 the model holds this rank's shards (parallel.tensor_parallel);
 with sequence parallelism its activations between blocks are sequence shards.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,13 +191,19 @@ class LoopLM(nn.Module):
         counts once, as named_parameters yields it once."""
         return sum(math.prod(self._full_shape(name, p)) for name, p in self.named_parameters())
 
-    def _loop(self, x: torch.Tensor, rope, mask: AttentionMask) -> torch.Tensor:
-        """One pass through the shared stack, then the shared final norm."""
+    def loop(self, x: torch.Tensor, rope, mask: AttentionMask, caches: Optional[Sequence] = None) -> torch.Tensor:
+        """One pass through the shared stack, then the shared final norm. `caches` (decoding) holds
+        one KV cache slot per layer for this loop step."""
         per_layer = self.config.activation_checkpointing == "layer" and torch.is_grad_enabled()
-        for layer in self.model.layers:
-            # Non-reentrant: reentrant checkpointing computes the shared weights' gradient twice
-            # under ZeRO-2/3.
-            x = checkpoint(layer, x, rope, mask, use_reentrant=False) if per_layer else layer(x, rope, mask)
+        for i, layer in enumerate(self.model.layers):
+            if caches is not None:
+                x = layer(x, rope, mask, caches[i])
+            elif per_layer:
+                # Non-reentrant: reentrant checkpointing computes the shared weights' gradient twice
+                # under ZeRO-2/3.
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask)
         return self.model.norm(x)
 
     def forward(
@@ -232,7 +238,7 @@ class LoopLM(nn.Module):
         hidden_states = []
         for step in range(num_steps):
             with torch.set_grad_enabled(grad_enabled and step >= first_tracked):
-                x = checkpoint(self._loop, x, rope, mask, use_reentrant=False) if per_loop else self._loop(x, rope, mask)
+                x = checkpoint(self.loop, x, rope, mask, use_reentrant=False) if per_loop else self.loop(x, rope, mask)
             hidden_states.append(x)
 
         # Stage II trains the gate alone: it reads the LM's states without a gradient path back.

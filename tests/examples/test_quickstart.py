@@ -25,6 +25,7 @@ def test_quickstart_pipeline_at_reduced_size(tmp_path, capfd):
                         "--training.log_interval=1", "--training.save_interval=0", "--schedule.warmup_steps=1"])
     printed = capfd.readouterr().out
     assert "validation CE per loop step" in printed and "--- 'def ' ->" in printed
+    assert "loops per token of 4" in printed
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
     assert len([r for r in records if r["split"] == "valid"][-1]["ce_per_step"]) == 4
@@ -32,3 +33,5 @@ def test_quickstart_pipeline_at_reduced_size(tmp_path, capfd):
     model = LoopLM(read_config(out / "model"))
     model.load_full_state_dict(read_full_state(out / "model"))
     assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).hidden_states[-1]).all()
+    hf = json.loads((out / "hf" / "config.json").read_text())
+    assert hf["model_type"] == "ouro" and hf["num_hidden_layers"] == 1 and (out / "hf" / "tokenizer.json").exists()

@@ -142,9 +142,9 @@ def test_truncated_loops_backpropagate_through_the_last_k_only():
         rope = model.model.rotary_emb(torch.arange(16).expand(2, 16))
         states = []
         for _ in range(2):
-            x = model._loop(x, rope, AttentionMask())
+            x = model.loop(x, rope, AttentionMask())
             states.append(x)
-    states.append(model._loop(x, rope, AttentionMask()))
+    states.append(model.loop(x, rope, AttentionMask()))
     gates = torch.stack([model.model.early_exit_gate(h).squeeze(-1) for h in states]).flatten(1)
     stage1_loss(torch.stack(states).flatten(1, 2), exit_log_probs(gates), ids.flatten(), model.lm_head, beta=0.1).loss.backward()
     torch.testing.assert_close(layer_grad, model.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-5, atol=1e-7)
