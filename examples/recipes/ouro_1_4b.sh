@@ -1,0 +1,39 @@
+#!/bin/bash
+# Ouro 1.4B end to end: tokenize the corpora, pretrain through the paper's curriculum on SLURM
+# (configs/curriculum/ouro_1_4b.yaml: Stage 1 at 4K with T = 8 then T = 4, CT annealing at 16K with
+# RoPE 40K, long-context at 64K with RoPE 1M, mid-training, then Stage II gate training), export.
+# Run from the repository root on a login node; steps 2 and 3 are SLURM jobs. Comment out the steps
+# already done when you run it again (preprocessing rewrites its shards).
+#
+#   ARTIFACTS=/shared/ouro RUN_DIR=/shared/runs/ouro_1_4b NODES=8 bash examples/recipes/ouro_1_4b.sh
+set -euo pipefail
+ARTIFACTS=${ARTIFACTS:-artifacts}           # from examples/recipes/download_artifacts.sh
+RUN_DIR=${RUN_DIR:-runs/ouro_1_4b}
+NODES=${NODES:-8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TOKENIZER=${TOKENIZER:-$ARTIFACTS/Ouro-1.4B/tokenizer.json}
+WORKERS=${WORKERS:-32}
+CURRICULUM=${CURRICULUM:-configs/curriculum/ouro_1_4b.yaml}
+
+# 1. Tokenize (one line per mixture ingredient; the prefixes are those the curriculum names under
+#    data/: edit the curriculum's data.prefixes or link data/ to where the shards are).
+python tools/preprocess_data.py --input "$ARTIFACTS/datasets/fineweb-edu" --input-format parquet \
+    --tokenizer "$TOKENIZER" --output-prefix data/stage1/web --append-eod --workers "$WORKERS"
+#   ... the same for data/stage1/code, data/stage1/math, data/stage2/*, data/long/*, data/mid/*.
+
+# 2. Pretrain: one job carries the run through every stage; a preempted or timed-out job is
+#    requeued and resumes from its latest checkpoint (examples/slurm/pretrain.sbatch). For runs
+#    longer than the partition's time limit, chain jobs on the same run directory:
+#    sbatch --dependency=afterany:$PREVIOUS ...
+job=$(LOOPLM_CONFIG="$CURRICULUM" LOOPLM_RUN_DIR="$RUN_DIR" \
+      sbatch --parsable --nodes="$NODES" --gpus-per-node="$GPUS_PER_NODE" --ntasks-per-node="$GPUS_PER_NODE" \
+      --job-name=ouro_1_4b examples/slurm/pretrain.sbatch)
+echo "submitted $job; follow with: tail -f ouro_1_4b-$job.out"
+
+# 3. When training has finished (a dependent job): consolidate, evaluate per loop step, and export
+#    the released format (bf16 safetensors, config.json, tokenizer) for transformers or vLLM.
+sbatch --parsable --dependency=afterok:"$job" --nodes=1 --ntasks=1 --cpus-per-task=16 --mem=128G \
+    --job-name=ouro_1_4b_export --output="ouro_1_4b_export-%j.out" --wrap "set -e
+python tools/convert_checkpoint.py --checkpoint $RUN_DIR/checkpoints --output $RUN_DIR/model
+python tools/eval_steps.py --model $RUN_DIR/model --data data/stage2/web_hq_text_document --seq-length 4096 --output $RUN_DIR/eval
+python tools/convert_checkpoint.py --model $RUN_DIR/model --to-hf $RUN_DIR/hf --tokenizer $TOKENIZER"
