@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from looplm_mega.config import ConfigError
-from looplm_mega.training.config import load_run_config
+from looplm_mega.training import stop_signals  # light: nothing but the signal module
 
 
 def main(argv=None) -> None:
+    # First of all: a scheduler's stop signal during the slow start-up must not kill the rank.
+    stop_signals.install()
+    from looplm_mega.config import ConfigError
+    from looplm_mega.training.config import load_run_config  # imports torch
+
     parser = argparse.ArgumentParser(description="Pretrain a looped language model (LoopLM / Ouro).")
     parser.add_argument("--config", required=True, help="run config YAML")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher

@@ -7,7 +7,6 @@ import gc
 import json
 import math
 import resource
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from looplm_mega.model.flops import device_peak_flops
 from looplm_mega.parallel.pipeline import build_pipeline_model
 from looplm_mega.parallel.state import initialize_parallel
 from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
+from looplm_mega.training import stop_signals
 from looplm_mega.training.checkpoint import TrainerState, latest_tag, load_checkpoint, save_checkpoint, tag_of
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.consolidate import consolidate
@@ -96,7 +96,6 @@ class Trainer:
         self.state = TrainerState()
         self._datasets: dict[tuple, object] = {}
         self._data, self._data_key = None, None
-        self.stop_requested = False
         self.nonfinite_steps_in_a_row = 0
 
     # --- model and engine ---------------------------------------------------------------------
@@ -247,10 +246,21 @@ class Trainer:
             print(f"pretraining {self.model_config.num_hidden_layers} layers x {loops} loops, "
                   f"{self.num_parameters:,} parameters on {self.world} x {self.device.type} ({layout}), "
                   f"ZeRO-{self.engine.zero_optimization_stage()}, {self.total_steps} steps, {origin}", flush=True)
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        stop_signals.install()  # already done by the entry point, unless called from Python
         window = _Window()
+        saved_step = self.state.step  # a checkpoint (or init_from) holds this step already
         try:
             while self.state.step < self.total_steps:
+                # Every rank decides together (a collective), so they stop at the same step.
+                if not all_true(not stop_signals.requested(), self.device):
+                    step = self.state.step
+                    if step != saved_step:
+                        self.save()
+                    if is_main():
+                        done = (f"checkpoint written at step {step}" if step != saved_step else
+                                f"the checkpoint of step {step} is current" if step else "nothing trained yet")
+                        print(f"stop requested (SIGTERM/SIGUSR1): {done}, exiting", flush=True)
+                    return self.state
                 self._train_step(window)
                 step = self.state.step
                 if step % training.log_interval == 0 or step == self.total_steps:
@@ -263,16 +273,10 @@ class Trainer:
                 save_now = save_now or self.curriculum.is_boundary(step)
                 if save_now or step == self.total_steps:
                     self.save()
-                if not all_true(not self.stop_requested, self.device):
-                    if not save_now and step != self.total_steps:
-                        self.save()
-                    if is_main():
-                        print(f"stop requested (SIGTERM/SIGUSR1): checkpoint written at step {step}, exiting", flush=True)
-                    return self.state
+                    saved_step = step
             self._log_validation(logger, self.state.step)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            stop_signals.uninstall()
             logger.close()
         return self.state
 
@@ -459,10 +463,6 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.engine, self.checkpoint_dir, self.state, to_dict(self.config),
                                self.config.training.keep_last, to_dict(self.model_config))
-
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
-
 
 class _Window:
     """Sums over the micro-batches since the last log line."""
