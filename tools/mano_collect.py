@@ -6,8 +6,8 @@
 Runs that differ only in the seed form one group; for each it prints mean ± std (sample std,
 0 for one seed) and the best seed's accuracy (the paper reports the best of 3 seeds). The plot
 (matplotlib, an optional dependency) shows accuracy against total depth, layers x loops, one line
-per layer count and L; where a configuration was run at several learning rates or step counts,
-the plot uses the setting with the best mean.
+per layer count, L, modulus and width; where a configuration was run at several learning rates or
+step counts, the plot uses the setting with the best mean.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # Settings that define a group: everything but the seed and the measurements.
-GROUP_KEYS = ("config", "max_ops", "modulus", "hidden_size", "lr", "steps", "batch_size")
+GROUP_KEYS = ("config", "max_ops", "modulus", "hidden_size", "objective", "lr", "steps", "batch_size")
 
 
 def read_rows(paths: list[str]) -> list[dict]:
@@ -56,10 +56,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def print_table(summary: list[dict]) -> None:
-    print("| config | L | lr | steps | seeds | accuracy (mean ± std) | best | params | s/run |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | L | p | hidden | objective | lr | steps | seeds | accuracy % (mean ± std) | best | params | s/run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in summary:
-        print(f"| {e['config']} | {e['max_ops']} | {float(e['lr']):g} | {e['steps']} | {e['seeds']} | "
+        print(f"| {e['config']} | {e['max_ops']} | {e['modulus']} | {e['hidden_size']} | {e['objective']} | {float(e['lr']):g} | "
+              f"{e['steps']} | {e['seeds']} | "
               f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {100 * e['best']:.1f} | {e['params']:,} | "
               f"{e['seconds']:.0f} |")
 
@@ -73,23 +74,24 @@ def plot(summary: list[dict], path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: the plot needs matplotlib (pip install matplotlib), or leave out --plot") from None
-    best: dict[tuple, dict] = {}  # (layers, L, config) -> the group with the best mean
+    best: dict[tuple, dict] = {}  # (line, config) -> the group with the best mean
     for e in summary:
-        key = (e["layers"], e["max_ops"], e["config"])
+        key = (e["layers"], int(e["max_ops"]), e["modulus"], e["hidden_size"], e["config"])
         if key not in best or e["mean"] > best[key]["mean"]:
             best[key] = e
-    lines: dict[tuple, list[dict]] = defaultdict(list)
-    for (layers, max_ops, _), e in best.items():
-        lines[(layers, max_ops)].append(e)
+    lines: dict[tuple, list[dict]] = defaultdict(list)  # one line per layer count, L, modulus, width
+    for key, e in best.items():
+        lines[key[:-1]].append(e)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (layers, max_ops), entries in sorted(lines.items(), key=lambda kv: (int(kv[0][1]), kv[0][0])):
+    for (layers, max_ops, modulus, hidden), entries in sorted(lines.items()):
         entries.sort(key=lambda e: e["depth"])
         depth = [e["depth"] for e in entries]
         line = ax.errorbar(depth, [100 * e["mean"] for e in entries], yerr=[100 * e["std"] for e in entries],
-                           marker="o", capsize=3, label=f"{layers} layers, L={max_ops}")
+                           marker="o", capsize=3, label=f"{layers} layers, L={max_ops}, p={modulus}, hidden {hidden}")
         ax.scatter(depth, [100 * e["best"] for e in entries], marker="x", color=line[0].get_color())
         for e in entries:
-            ax.annotate(e["config"], (e["depth"], 100 * e["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(e["config"], (e["depth"], 100 * e["mean"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
     ax.set_xlabel("total depth (layers x loops)")
     ax.set_ylabel("test accuracy (%)  [o mean ± std, x best seed]")
     ax.set_title("Mano")

@@ -28,8 +28,6 @@ from looplm_mega.tasks.mano_train import ManoRun, append_row, sweep_grid, train_
 from looplm_mega.training.metrics import format_duration  # noqa: E402
 
 DEFAULTS = ManoRun()
-
-
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
 
 
@@ -50,7 +48,7 @@ def _list(kind, text: str) -> list:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", type=lambda s: _list(str, s), default=["2x1", "2x4"],
+    p.add_argument("--configs", type=lambda s: _list(str, s), default=["1x1", "1x3"],
                    help="model shapes LAYERSxLOOPS, comma-separated")
     p.add_argument("--L", dest="max_ops", type=lambda s: _list(int, s), default=[DEFAULTS.max_ops],
                    help="operators: training draws 1..L, the test uses exactly L")
@@ -61,24 +59,28 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--hidden-size", type=int, default=DEFAULTS.hidden_size)
     p.add_argument("--num-heads", type=int, default=DEFAULTS.num_heads)
-    p.add_argument("--intermediate-size", type=int, default=None, help="default: 4 x hidden size")
+    p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 2 x hidden size)")
     p.add_argument("--entropy-beta", type=float, default=DEFAULTS.entropy_beta)
     p.add_argument("--sublayer-norm-init", type=float, default=DEFAULTS.sublayer_norm_init)
+    p.add_argument("--objective", choices=["stage1", "last"], default=DEFAULTS.objective,
+                   help="stage1: Ouro's loss over every loop; last: the last loop's answer only")
     p.add_argument("--test-size", type=int, default=DEFAULTS.test_size)
     p.add_argument("--out", default="runs/mano/results.csv", help="the CSV that rows are appended to")
     p.add_argument("--task-id", type=int, default=None, help="run only this entry of the grid (see --list)")
     p.add_argument("--list", action="store_true", help="print the grid with task ids and exit")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: SLURM_CPUS_PER_TASK, else all cores)")
+                   help="torch CPU threads (default: SLURM_CPUS_PER_TASK, else 1: these models are too small "
+                        "to gain from more, and on a shared machine extra threads only contend)")
     p.add_argument("--log-every", type=int, default=100, help="progress line every this many steps")
     p.add_argument("--eval-every", type=int, default=0, help="test accuracy every this many steps (0: at the end)")
     args = p.parse_args(argv)
 
     try:
         grid = sweep_grid(args.configs, args.max_ops, args.lrs, args.steps, args.seeds,
-                          modulus=args.modulus, batch_size=args.batch_size, hidden_size=args.hidden_size, num_heads=args.num_heads,
-                          intermediate_size=args.intermediate_size, entropy_beta=args.entropy_beta,
-                          sublayer_norm_init=args.sublayer_norm_init, test_size=args.test_size)
+                          modulus=args.modulus, batch_size=args.batch_size, hidden_size=args.hidden_size,
+                          num_heads=args.num_heads, intermediate_size=args.intermediate_size,
+                          entropy_beta=args.entropy_beta, sublayer_norm_init=args.sublayer_norm_init,
+                          objective=args.objective, test_size=args.test_size)
         for run in grid:
             run.model_config()  # a bad model setting fails now, not after the first runs
     except ValueError as e:
@@ -93,11 +95,12 @@ def main(argv=None) -> None:
     if args.task_id is not None:
         grid = [grid[args.task_id]]
 
-    threads = args.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or os.cpu_count() or 1
+    threads = args.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or 1
     torch.set_num_threads(threads)
     start = time.perf_counter()
     for i, run in enumerate(grid):
-        row = train_mano(run, log=lambda line: print(line, flush=True), log_every=args.log_every, eval_every=args.eval_every)
+        row = train_mano(run, log=lambda line: print(line, flush=True), log_every=args.log_every,
+                         eval_every=args.eval_every)
         append_row(args.out, row)
         print(f"run {i + 1}/{len(grid)}: {row['config']} seed {row['seed']} accuracy {row['accuracy']:.4f} "
               f"-> {args.out}", flush=True)

@@ -17,9 +17,13 @@ Vocabulary (fixed ids; only how many <len_i> tokens exist depends on L):
     id 29 + (i - 1)   <len_i>, i = 1..L           vocab_size(L) = 29 + L
 
 A smaller modulus p (2..23, `modulus=`) keeps the vocabulary and its ids and only draws numbers
-from 0..p-1: the paper's F_23 needs ~3 x 23^2 = 1587 operator-table facts to be memorised before
-any composition can be learnt (thousands of steps for a small model), which a CPU run cannot
-afford; with p = 7 (147 facts) the depth of the composition is what limits a small model.
+from 0..p-1. The paper's F_23 has 3 x 23^2 = 1587 operator-table facts to memorise before any
+composition can be learnt: measured, a 2-layer hidden-64 model trained on single operators alone
+was at 70% after 2,000 steps, more than a CPU run can afford. With p = 5 (75 facts) a 1-layer
+hidden-64 model still answered only about half of the single operators after 4,000 steps of the
+1..3 mixture; with p = 3 (27 facts) it knew all of them after about 1,500 steps, leaving the rest
+of a CPU run to composing them. p = 2 is degenerate: + and - are both XOR, so a tree of them is
+the parity of its leaves, which one attention layer computes without composing anything.
 
 Every sequence is padded on the right to seq_len(L) = 2L + 5 tokens, so a batch is one tensor.
 Randomness is numpy's: training batch k is a function of (seed, k) alone (random access, so a
@@ -236,7 +240,8 @@ def answer_accuracy(model: torch.nn.Module, data: ManoBatch, num_steps: Optional
 
 def check_modulus(modulus: int) -> None:
     if not isinstance(modulus, (int, np.integer)) or isinstance(modulus, bool) or not 2 <= modulus <= MODULUS:
-        raise ValueError(f"modulus={modulus!r} must be an integer in 2..{MODULUS} (the number tokens are 0..{MODULUS - 1})")
+        raise ValueError(f"modulus={modulus!r} must be an integer in 2..{MODULUS} "
+                         f"(the number tokens are 0..{MODULUS - 1})")
 
 
 def _check_ops(value: int, name: str) -> None:

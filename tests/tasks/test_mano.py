@@ -1,4 +1,6 @@
 import csv
+import multiprocessing
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -176,6 +178,28 @@ def test_a_tiny_training_run_gives_a_csv_row(tmp_path, objective):
     assert [r["seed"] for r in csv.DictReader(text.splitlines())] == ["0", "1"]
 
 
+def _append_rows(path, worker: int) -> None:
+    row = dict.fromkeys(CSV_FIELDS, "x")
+    for i in range(25):
+        append_row(path, {**row, "config": f"{worker}x{i}"})
+
+
+def test_processes_appending_to_one_csv_write_one_header_and_whole_rows(tmp_path):
+    path = tmp_path / "shared.csv"
+    context = multiprocessing.get_context("fork")  # torch is already imported: no start-up cost
+    workers = [context.Process(target=_append_rows, args=(path, w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert all(w.exitcode == 0 for w in workers)
+    lines = path.read_text().splitlines()
+    assert lines[0] == ",".join(CSV_FIELDS) and lines.count(lines[0]) == 1
+    rows = list(csv.DictReader(lines))
+    assert sorted(r["config"] for r in rows) == sorted(f"{w}x{i}" for w in range(4) for i in range(25))
+    assert all(len(r) == len(CSV_FIELDS) and r["params"] == "x" for r in rows)
+
+
 def test_sweep_grid_order_varies_the_seed_fastest():
     grid = sweep_grid(["2x1", "2x4"], [3], [1e-3, 2e-3], [10], [0, 1], hidden_size=16)
     assert [(r.config_name, r.lr, r.seed) for r in grid[:5]] == [
@@ -186,7 +210,7 @@ def test_sweep_grid_order_varies_the_seed_fastest():
 def test_bad_inputs_name_the_value(tmp_path):
     assert parse_shape(" 12X3 ") == (12, 3)
     for bad in ("2y4", "2x0", "x4", ""):
-        with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(")):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
             parse_shape(bad)
     with pytest.raises(ValueError, match="layers=0"):
         ManoRun(layers=0)

@@ -54,10 +54,12 @@ def test_list_prints_the_grid_in_its_documented_order(capsys):
     assert lines[-1] == "8 runs (SLURM: --array=0-7)"
 
 
-def test_the_default_grid_compares_looped_and_unlooped(capsys):
+def test_the_default_grid_is_the_readmes_cpu_comparison(capsys):
     _load(SWEEP).main(["--list"])
-    configs = {line.split("\t")[1] for line in capsys.readouterr().out.splitlines()[:-1]}
-    assert configs == {"2x1", "2x4"}
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[1:] for line in lines[:-1:3]] == [
+        ["1x1", "L=3", "lr=0.005", "steps=4000", "seed=0"], ["1x3", "L=3", "lr=0.005", "steps=4000", "seed=0"]]
+    assert lines[-1] == "6 runs (SLURM: --array=0-5)"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -84,7 +86,7 @@ def test_collector_errors_and_plot(tmp_path, capsys):
 
     from looplm_mega.tasks.mano_train import CSV_FIELDS, append_row
 
-    base = dict.fromkeys(CSV_FIELDS, 1) | {"max_ops": 3, "modulus": 7, "lr": 0.001, "steps": 10, "loop_accuracy": ""}
+    base = dict.fromkeys(CSV_FIELDS, 1) | {"max_ops": 3, "modulus": 7, "objective": "last", "lr": 0.001, "steps": 10, "loop_accuracy": ""}
     good = tmp_path / "good.csv"
     for config, layers, loops, seed, accuracy in [("2x1", 2, 1, 0, 0.2), ("2x1", 2, 1, 1, 0.4), ("2x4", 2, 4, 0, 0.9)]:
         append_row(good, {**base, "config": config, "layers": layers, "loops": loops, "depth": layers * loops,
@@ -96,6 +98,6 @@ def test_collector_errors_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     collect.main([str(good), "--plot", str(plot)])
     out = capsys.readouterr().out
-    assert "| 2x1 | 3 | 0.001 | 10 | 2 | 30.0 ± 14.1 | 40.0 |" in out
-    assert "| 2x4 | 3 | 0.001 | 10 | 1 | 90.0 ± 0.0 | 90.0 |" in out
+    assert "| 2x1 | 3 | 7 | 1 | last | 0.001 | 10 | 2 | 30.0 ± 14.1 | 40.0 |" in out
+    assert "| 2x4 | 3 | 7 | 1 | last | 0.001 | 10 | 1 | 90.0 ± 0.0 | 90.0 |" in out
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
