@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from looplm_mega.data.builder import build_datasets
 from looplm_mega.data.config import DataConfig
@@ -19,8 +18,8 @@ from looplm_mega.data.gpt_dataset import (IGNORE_INDEX, GPTDataset, build_sample
 from looplm_mega.data.index_cache import fingerprint
 from looplm_mega.data.indexed import IndexedDataset
 from looplm_mega.model.attention import segment_ids_from_eod
-from looplm_mega.training.distributed import free_port
 from tests.data.synthetic_datasets import write_multi_sequence_dataset, write_random_dataset
+from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,9 +227,9 @@ def test_collate_batch_gives_model_inputs_and_ignores_labels_across_documents():
     assert set(plain) == {"input_ids", "labels"} and plain["labels"].tolist()[0] == [6, 7, 8, 9]
 
 
-def _build_on_rank(rank: int, port: int, tmp_path: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+def _build_on_rank(tmp_path: Path) -> None:
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         dataset = make_dataset(tmp_path, num_samples=300)
         np.save(tmp_path / f"rank{rank}.npy", np.stack([dataset[i]["tokens"] for i in range(len(dataset))]))
@@ -243,7 +242,7 @@ def _build_on_rank(rank: int, port: int, tmp_path: Path) -> None:
 
 def test_rank_0_builds_and_rank_1_loads_the_same_indices(tmp_path):
     write_random_dataset(tmp_path / "data", num_documents=60, seed=14)
-    mp.spawn(_build_on_rank, args=(free_port(), tmp_path), nprocs=2, join=True)
+    run_distributed(_build_on_rank, 2, tmp_path)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports == [{"built": True, "memory_mapped": True}, {"built": False, "memory_mapped": True}]
     np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
