@@ -12,18 +12,23 @@ setup(
     packages=find_packages(include=["looplm_mega", "looplm_mega.*"]),
     include_package_data=True,
     package_data={"looplm_mega": ["eval/tasks/*/*.yaml", "eval/tasks/*/*.jsonl"]},
+    # What the code needs: lower bounds at the first releases with the APIs it calls. The versions
+    # tested are pinned in constraints.txt (install with -c constraints.txt; .ci/lock refreshes it).
     install_requires=[
-        # >= 2.4 so that the CPU wheel 2.13.0 on these machines satisfies it without a download.
-        "torch>=2.4",
-        "deepspeed>=0.14",
-        "numpy",
+        # 2.7: scale_grads of torch.distributed.pipelining's schedules (parallel/pipeline.py).
+        # Without -c constraints.txt an unpinned torch is the default (CUDA) build of the index.
+        "torch>=2.7",
+        # 0.16: lazy_mode of zero_to_fp32's get_fp32_state_dict_from_zero_checkpoint (consolidation).
+        "deepspeed>=0.16",
+        "numpy>=1.24",
         "tokenizers>=0.15",
-        "datasets",
-        "safetensors",
-        "pyyaml",
-        "tqdm",
-        "wandb",
-        "zstandard",  # .jsonl.zst inputs of tools/preprocess_data.py
+        "datasets>=2.14",  # Hugging Face dataset inputs of tools/preprocess_data.py
+        "pyarrow>=12",  # Parquet inputs of tools/preprocess_data.py
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.62",
+        "wandb>=0.15",
+        "zstandard>=0.20",  # .jsonl.zst inputs of tools/preprocess_data.py
     ],
     extras_require={
         # NVIDIA apex is not on the package index (the index's "apex" is an unrelated project):
@@ -31,8 +36,8 @@ setup(
         "gpu": ["flash-attn>=2.5"],
         # lm-eval: the `looplm` harness model (looplm_mega/eval/harness.py); matplotlib: the PNG plots
         # of tools/eval_steps.py and tools/mano_collect.py.
-        "eval": ["lm-eval>=0.4", "matplotlib"],
+        "eval": ["lm-eval>=0.4", "matplotlib>=3.5"],
         # The tests cover the evaluation tools too.
-        "dev": ["pytest>=7", "pytest-timeout", "lm-eval>=0.4", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.1", "lm-eval>=0.4", "matplotlib>=3.5"],
     },
 )

@@ -41,7 +41,10 @@ def test_loglikelihood_is_the_continuations_log_probability_in_any_batch(files):
     single = LoopLMHarness(str(model), str(tokenizer), batch_size=1)
     batched = LoopLMHarness(str(model), str(tokenizer), batch_size=3)
     scores = batched.loglikelihood([request("loglikelihood", *p) for p in pairs])
-    assert scores == pytest.approx(single.loglikelihood([request("loglikelihood", *p) for p in pairs]), abs=1e-4)
+    alone = single.loglikelihood([request("loglikelihood", *p) for p in pairs])
+    # (log-probability, is-greedy) pairs: pytest.approx takes flat sequences only.
+    assert [s for s, _ in scores] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    assert [g for _, g in scores] == [g for _, g in alone]
     for (context, continuation), (score, _) in zip(pairs, scores):
         context_ids = single.tok_encode(context) or [single.eot_token_id]
         expected = reference_log_prob(single, context_ids, single.tok_encode(continuation))

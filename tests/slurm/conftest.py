@@ -1,8 +1,10 @@
 """The local SLURM cluster, started once for a test module and stopped after it.
 
-Skipped only with LOOPLM_SKIP_SLURM=1. Otherwise SLURM is installed with apt-get when missing, and
-a failed install or start fails the tests (with apt-get's or the daemons' own words), it does not
-skip them: these tests are the proof that the sbatch scripts work.
+SLURM is installed with apt-get when missing (as root). Where it is absent and cannot be installed
+or started (not root, no apt-get, no package index), the tests skip with the reason, so that the
+README's test command passes for any user; with LOOPLM_REQUIRE_SLURM=1 (CI sets it) that is a
+failure instead, in apt-get's or the daemons' own words: these tests are the proof that the sbatch
+scripts work. LOOPLM_SKIP_SLURM=1 skips them outright.
 """
 
 import os
@@ -13,6 +15,7 @@ import pytest
 from tests.slurm.cluster import Cluster, SlurmError, install_slurm
 
 SKIP = os.environ.get("LOOPLM_SKIP_SLURM") == "1"
+REQUIRE = os.environ.get("LOOPLM_REQUIRE_SLURM") == "1"
 
 
 class LocalSlurm:
@@ -37,6 +40,8 @@ def local_slurm():
         install_slurm()
         cluster.start()
     except SlurmError as e:
+        if not REQUIRE:
+            pytest.skip(f"no local SLURM cluster (LOOPLM_REQUIRE_SLURM=1 makes this a failure): {e}")
         yield LocalSlurm(None, f"no local SLURM cluster: {e}")
         return
     try:
