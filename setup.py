@@ -35,7 +35,7 @@ setup(
         # its kernels are used only when a user has built it; torch has fused AdamW and RMSNorm.
         "gpu": ["flash-attn>=2.5"],
         # lm-eval: the `looplm` harness model (looplm_mega/eval/harness.py); matplotlib: the PNG plots
-        # of tools/eval_steps.py and tools/mano_collect.py.
+        # of tools/eval_loops.py and tools/mano_collect.py.
         "eval": ["lm-eval>=0.4", "matplotlib>=3.5"],
         # The tests cover the evaluation tools too.
         "dev": ["pytest>=8", "pytest-timeout>=2.1", "lm-eval>=0.4", "matplotlib>=3.5"],

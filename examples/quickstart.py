@@ -70,9 +70,9 @@ def main(argv=None) -> None:
          *(["--training.train_steps", str(args.steps)] if args.steps else []), *overrides])
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    per_step = [r for r in records if r["split"] == "valid"][-1]["ce_per_step"]
-    print("\nvalidation CE per loop step: " + "  ".join(f"loop {t + 1}: {v:.3f}" for t, v in enumerate(per_step)))
-    print(f"loop {len(per_step)} vs loop 1: {per_step[-1] - per_step[0]:+.3f} nats")
+    per_loop = [r for r in records if r["split"] == "valid"][-1]["ce_per_loop"]
+    print("\nvalidation CE per loop step: " + "  ".join(f"loop {t + 1}: {v:.3f}" for t, v in enumerate(per_loop)))
+    print(f"loop {len(per_loop)} vs loop 1: {per_loop[-1] - per_loop[0]:+.3f} nats")
 
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(out / "model")])
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--to-hf", str(out / "hf"),

@@ -38,7 +38,7 @@ def variants(q: float, static_step: int) -> dict[str, GenerationConfig]:
         "last": GenerationConfig(kv_sharing="last"),
         "mean": GenerationConfig(kv_sharing="mean"),
         f"q_exit {q}": GenerationConfig(exit=ExitRule("q_exit", threshold=q)),
-        f"static {static_step}": GenerationConfig(exit=ExitRule("static", step=static_step)),
+        f"static {static_step}": GenerationConfig(exit=ExitRule("static", loops=static_step)),
     }
 
 

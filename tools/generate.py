@@ -3,8 +3,8 @@
 
     python tools/generate.py --model runs/quickstart/model --tokenizer runs/quickstart/tokenizer.json \
         --prompt "def " [--prompt "import " ...] [--prompts-file FILE] --max-new-tokens 64 \
-        [--temperature 0.7 --top-k 50 --top-p 0.95] [--stop "\\n\\n"] [--num-steps 4] \
-        [--kv-sharing full|last|mean] [--exit none|static|q_exit|hidden_diff --exit-step 2 \
+        [--temperature 0.7 --top-k 50 --top-p 0.95] [--stop "\\n\\n"] [--num-loops 4] \
+        [--kv-sharing full|last|mean] [--exit none|static|q_exit|hidden_diff --exit-loop 2 \
         --exit-threshold 0.9 --exit-eps 0.1]
 
 --model: a model directory (tools/convert_checkpoint.py --output) or a released-format directory
@@ -44,10 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (backslash escapes allowed: \\n)")
-    parser.add_argument("--num-steps", type=int, default=None, help="loop count (default: the model's total_ut_steps)")
+    parser.add_argument("--num-loops", type=int, default=None, help="loop count (default: the model's total_ut_steps)")
     parser.add_argument("--kv-sharing", choices=SHARING_MODES, default="full")
     parser.add_argument("--exit", choices=EXIT_KINDS, default="none")
-    parser.add_argument("--exit-step", type=int, default=0)
+    parser.add_argument("--exit-loop", type=int, default=0)
     parser.add_argument("--exit-threshold", type=float, default=1.0)
     parser.add_argument("--exit-eps", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -72,8 +72,8 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        num_steps=args.num_steps, kv_sharing=args.kv_sharing, seed=args.seed,
-        exit=ExitRule(args.exit, step=args.exit_step, threshold=args.exit_threshold, eps=args.exit_eps),
+        num_loops=args.num_loops, kv_sharing=args.kv_sharing, seed=args.seed,
+        exit=ExitRule(args.exit, loops=args.exit_loop, threshold=args.exit_threshold, eps=args.exit_eps),
     )
     streaming = len(args.prompt) == 1
     if streaming:
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         for prompt, text in zip(args.prompt, texts):
             print(f"--- {prompt!r}\n{prompt}{text}")
     print(f"[{result.num_tokens} tokens in {result.seconds:.2f}s: {result.tokens_per_second:.1f} tokens/s; "
-          f"{result.loops_per_token:.2f} loops per token of {config.num_steps or model.config.total_ut_steps}; "
+          f"{result.loops_per_token:.2f} loops per token of {config.num_loops or model.config.total_ut_steps}; "
           f"KV cache {result.cache_bytes / 2**20:.2f} MiB ({args.kv_sharing})]", file=sys.stderr)
 
 

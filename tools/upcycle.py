@@ -48,7 +48,7 @@ def per_loop_ce(model_dir: Path, config, batches: list[torch.Tensor]) -> list[fl
     model.load_full_state_dict(read_full_state(model_dir))
     total = torch.zeros(config.total_ut_steps)
     for batch in batches:
-        total += model(batch[:, :-1], labels=batch[:, 1:]).per_step_loss
+        total += model(batch[:, :-1], labels=batch[:, 1:]).ce_per_loop
     return (total / len(batches)).tolist()
 
 

@@ -35,5 +35,5 @@ echo "submitted $job; follow with: tail -f ouro_1_4b-$job.out"
 sbatch --parsable --dependency=afterok:"$job" --nodes=1 --ntasks=1 --cpus-per-task=16 --mem=128G \
     --job-name=ouro_1_4b_export --output="ouro_1_4b_export-%j.out" --wrap "set -e
 python tools/convert_checkpoint.py --checkpoint $RUN_DIR/checkpoints --output $RUN_DIR/model
-python tools/eval_steps.py --model $RUN_DIR/model --data data/stage2/web_hq_text_document --seq-length 4096 --output $RUN_DIR/eval
+python tools/eval_loops.py --model $RUN_DIR/model --data data/stage2/web_hq_text_document --seq-length 4096 --output $RUN_DIR/eval
 python tools/convert_checkpoint.py --model $RUN_DIR/model --to-hf $RUN_DIR/hf --tokenizer $TOKENIZER"

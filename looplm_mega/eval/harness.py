@@ -1,13 +1,13 @@
 """The LoopLM as an lm-evaluation-harness model: `--model looplm`.
 
     python -m looplm_mega.eval.harness --model looplm \
-        --model_args pretrained=runs/quickstart/model,tokenizer=runs/quickstart/tokenizer.json,num_steps=4,exit=q_exit,exit_threshold=0.9 \
+        --model_args pretrained=runs/quickstart/model,tokenizer=runs/quickstart/tokenizer.json,num_loops=4,exit=q_exit,exit_threshold=0.9 \
         --tasks looplm_local --include_path looplm_mega/eval/tasks --batch_size 8
 
 (lm-eval has no plugin entry point for models, so this module registers the model and then hands
 its command line to lm-eval's.) Model arguments: pretrained (a model directory or released-format
-directory), tokenizer (default: the model directory's tokenizer.json), num_steps (loop count),
-exit / exit_step / exit_threshold / exit_eps (inference.exit_rules: scoring reads each token out
+directory), tokenizer (default: the model directory's tokenizer.json), num_loops (loop count),
+exit / exit_loop / exit_threshold / exit_eps (inference.exit_rules: scoring reads each token out
 at its exit step; generation skips the loops after it), kv_sharing (full | last | mean, for
 generate_until), dtype, max_length (default: max_position_embeddings).
 """
@@ -39,8 +39,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @register_model("looplm")
 class LoopLMHarness(LM):
     def __init__(self, pretrained: str, tokenizer: Optional[str] = None, device: Optional[str] = None,
-                 dtype: Optional[str] = None, batch_size: int | str = 8, num_steps: Optional[int] = None,
-                 exit: str = "none", exit_step: int = 0, exit_threshold: float = 1.0, exit_eps: float = 0.0,
+                 dtype: Optional[str] = None, batch_size: int | str = 8, num_loops: Optional[int] = None,
+                 exit: str = "none", exit_loop: int = 0, exit_threshold: float = 1.0, exit_eps: float = 0.0,
                  kv_sharing: str = "full", max_length: Optional[int] = None, **unused):
         super().__init__()
         if str(batch_size).startswith("auto"):
@@ -56,9 +56,9 @@ class LoopLMHarness(LM):
         self.tokenizer = load_tokenizer(tokenizer or pretrained)
         self._device = torch.device(device)
         self._batch_size = int(batch_size)
-        self.num_steps = int(num_steps) if num_steps else self.model.config.total_ut_steps
-        self.exit_rule = ExitRule(exit, step=int(exit_step), threshold=float(exit_threshold), eps=float(exit_eps))
-        self.exit_rule.check(self.num_steps)
+        self.num_loops = int(num_loops) if num_loops else self.model.config.total_ut_steps
+        self.exit_rule = ExitRule(exit, loops=int(exit_loop), threshold=float(exit_threshold), eps=float(exit_eps))
+        self.exit_rule.check(self.num_loops)
         self.kv_sharing = kv_sharing
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
         eot = self.tokenizer.token_to_id(EOD_TOKEN)
@@ -121,8 +121,8 @@ class LoopLMHarness(LM):
     @torch.inference_mode()
     def _read_out_log_probs(self, ids: torch.Tensor) -> torch.Tensor:
         """log-softmax [B, S, V] of each position's read-out at its exit step."""
-        out = self.model(ids, num_steps=self.num_steps)
-        steps = self.exit_rule.read_out_steps(out.gate_logits, out.hidden_states)  # [B, S]
+        out = self.model(ids, num_loops=self.num_loops)
+        steps = self.exit_rule.read_out_loops(out.gate_logits, out.hidden_states)  # [B, S]
         states = torch.stack(out.hidden_states)  # [T, B, S, H]
         chosen = states.gather(0, steps[None, ..., None].expand(1, *states.shape[1:])).squeeze(0)
         return F.log_softmax(self.model.lm_head(chosen).float(), dim=-1)
@@ -146,7 +146,7 @@ class LoopLMHarness(LM):
             temperature = 0.0 if sample is False else float(kwargs.pop("temperature", 1.0 if sample else 0.0))
             config = GenerationConfig(max_new_tokens=max_new, temperature=temperature, top_k=int(kwargs.pop("top_k", 0) or 0),
                                       top_p=float(kwargs.pop("top_p", 1.0) or 1.0), eos_token_id=self.eot_token_id,
-                                      num_steps=self.num_steps, kv_sharing=self.kv_sharing, exit=self.exit_rule)
+                                      num_loops=self.num_loops, kv_sharing=self.kv_sharing, exit=self.exit_rule)
             for start in range(0, len(indices), self._batch_size):
                 chunk = indices[start:start + self._batch_size]
                 texts, _ = generate_text(self.model, self.tokenizer, [requests[i].args[0] for i in chunk], config, until,

@@ -1,13 +1,13 @@
-"""When a token stops looping. The same rules serve decoding (step by step, inference.generate)
-and scoring (all steps computed, each token read out at its exit step: eval.harness, eval.loop_steps).
+"""When a token stops looping. The same rules serve decoding (loop by loop, inference.generate)
+and scoring (all loops computed, each token read out at its exit loop: eval.harness, eval.per_loop).
 
     none         every token runs all T loops
-    static       every token runs exactly `step` loops
-    q_exit       the first step whose exit CDF reaches `threshold` (Ouro's Q-exit); tested as
-                 log S_t <= log(1 - q), where S_t is the probability of running past step t: the
+    static       every token runs exactly `loops` loops
+    q_exit       the first loop whose exit CDF reaches `threshold` (Ouro's Q-exit); tested as
+                 log S_t <= log(1 - q), where S_t is the probability of running past loop t: the
                  survival keeps its precision where a CDF summed in fp32 rounds to 1, so q = 1.0
                  never exits early, whatever the gates
-    hidden_diff  the first step t >= 2 with ||h_t - h_{t-1}|| < `eps` (L2 over the hidden size of
+    hidden_diff  the first loop t >= 2 with ||h_t - h_{t-1}|| < `eps` (L2 over the hidden size of
                  the normed read-out state)
 """
 
@@ -26,54 +26,54 @@ EXIT_KINDS = ("none", "static", "q_exit", "hidden_diff")
 @dataclass
 class ExitRule:
     kind: Literal["none", "static", "q_exit", "hidden_diff"] = "none"
-    step: int = 0  # static: loops per token
+    loops: int = 0  # static: loops per token
     threshold: float = 1.0  # q_exit: q
     eps: float = 0.0  # hidden_diff: ||h_t - h_{t-1}|| below this exits
 
-    def check(self, num_steps: int) -> None:
+    def check(self, num_loops: int) -> None:
         if self.kind not in EXIT_KINDS:
             raise ValueError(f"exit={self.kind!r}: expected one of {EXIT_KINDS}")
-        if self.kind == "static" and not 1 <= self.step <= num_steps:
-            raise ValueError(f"exit step {self.step}: expected 1..{num_steps} (the model's loop count)")
+        if self.kind == "static" and not 1 <= self.loops <= num_loops:
+            raise ValueError(f"static exit at {self.loops} loops: expected 1..{num_loops} (the model's loop count)")
         if self.kind == "q_exit" and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"exit threshold {self.threshold}: expected a value in [0, 1]")
         if self.kind == "hidden_diff" and self.eps < 0:
             raise ValueError(f"exit eps {self.eps}: expected >= 0")
 
-    def read_out_steps(self, gate_logits: torch.Tensor, states: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-        """The step (0-based) each token exits at, from every step's gate logits [T, ...] and, for
+    def read_out_loops(self, gate_logits: torch.Tensor, states: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """The loop (0-based) each token exits at, from every loop's gate logits [T, ...] and, for
         hidden_diff, the read-out states (T x [..., H]) -> [...]."""
-        num_steps = gate_logits.shape[0]
-        self.check(num_steps)
-        tracker = ExitTracker(self, num_steps)
-        exit_step = torch.full(gate_logits.shape[1:], num_steps - 1, dtype=torch.long, device=gate_logits.device)
+        num_loops = gate_logits.shape[0]
+        self.check(num_loops)
+        tracker = ExitTracker(self, num_loops)
+        exit_loop = torch.full(gate_logits.shape[1:], num_loops - 1, dtype=torch.long, device=gate_logits.device)
         done = torch.zeros(gate_logits.shape[1:], dtype=torch.bool, device=gate_logits.device)
-        for step in range(num_steps):
-            stop = tracker.exits(step, gate_logits[step], states[step] if states is not None else None) & ~done
-            exit_step[stop] = step
+        for loop in range(num_loops):
+            stop = tracker.exits(loop, gate_logits[loop], states[loop] if states is not None else None) & ~done
+            exit_loop[stop] = loop
             done |= stop
-        return exit_step
+        return exit_loop
 
 
 class ExitTracker:
-    """The rule's state for the tokens still looping, fed one step at a time."""
+    """The rule's state for the tokens still looping, fed one loop at a time."""
 
-    def __init__(self, rule: ExitRule, num_steps: int):
-        self.rule, self.num_steps = rule, num_steps
+    def __init__(self, rule: ExitRule, num_loops: int):
+        self.rule, self.num_loops = rule, num_loops
         self.log_survival: Optional[torch.Tensor] = None
         self.previous: Optional[torch.Tensor] = None
         self.log_stop = math.log1p(-rule.threshold) if rule.threshold < 1.0 else -math.inf
 
-    def exits(self, step: int, gate_logit: torch.Tensor, state: Optional[torch.Tensor]) -> torch.Tensor:
-        """Which tokens stop after `step` (0-based), given their gate logits [...] and states [..., H]."""
+    def exits(self, loop: int, gate_logit: torch.Tensor, state: Optional[torch.Tensor]) -> torch.Tensor:
+        """Which tokens stop after loop `loop` (0-based), given their gate logits [...] and states [..., H]."""
         kind = self.rule.kind
         never = torch.zeros(gate_logit.shape, dtype=torch.bool, device=gate_logit.device)
         if kind == "hidden_diff" and state is None:
             raise ValueError("the hidden_diff exit rule needs the read-out states")
-        if step == self.num_steps - 1:
+        if loop == self.num_loops - 1:
             stop = ~never
         elif kind == "static":
-            stop = never | (step + 1 >= self.rule.step)
+            stop = never | (loop + 1 >= self.rule.loops)
         elif kind == "q_exit":
             log_continue = F.logsigmoid(-gate_logit.float())
             self.log_survival = log_continue if self.log_survival is None else self.log_survival + log_continue
@@ -86,7 +86,7 @@ class ExitTracker:
         return stop
 
     def keep(self, index: torch.Tensor) -> None:
-        """Only these tokens (indices along the first dimension) go on to the next step."""
+        """Only these tokens (indices along the first dimension) go on to the next loop."""
         if self.log_survival is not None:
             self.log_survival = self.log_survival[index]
         if self.previous is not None:

@@ -6,7 +6,7 @@ from the step it exited at. The prompt runs every loop (prefill), and its last p
 step is chosen by the same rule.
 
 The exit rules are those of inference.exit_rules; a static exit at step k gives the tokens of the
-model run with num_steps = k.
+model run with num_loops = k.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class GenerationConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     eos_token_id: Optional[int] = None
-    num_steps: Optional[int] = None  # loop count T (default: the model's)
+    num_loops: Optional[int] = None  # loop count T (default: the model's)
     kv_sharing: KVSharing = "full"
     exit: ExitRule = field(default_factory=ExitRule)
     seed: int = 0
@@ -40,7 +40,7 @@ class GenerationConfig:
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # the new tokens of each sequence (up to and including EOS)
-    exit_steps: list[list[int]]  # the loop each new token was read out at (1-based)
+    exit_loops: list[list[int]]  # the loop each new token was read out at (1-based)
     seconds: float
     cache_bytes: int
 
@@ -50,7 +50,7 @@ class GenerationResult:
 
     @property
     def loops_per_token(self) -> float:
-        steps = [s for row in self.exit_steps for s in row]
+        steps = [s for row in self.exit_loops for s in row]
         return sum(steps) / max(1, len(steps))
 
     @property
@@ -64,25 +64,25 @@ def _run_chunk(model: LoopLM, cache: LoopKVCache, input_ids: torch.Tensor, posit
     """Run tokens [R, q] of `rows` through the loops; the logits of each row's last position at its
     exit step [R, V] and that step (1-based) [R]. skip=False (prefill) runs every loop for every
     row and only picks the read-out step."""
-    num_steps = cache.num_steps
+    num_loops = cache.num_loops
     cache.open_chunk(valid)
     x = model.model.embed_tokens(input_ids)
     cos, sin = model.model.rotary_emb(positions)
-    tracker = ExitTracker(rule, num_steps)
+    tracker = ExitTracker(rule, num_loops)
     logits = torch.empty(len(rows), model.config.vocab_size, dtype=x.dtype, device=x.device)
-    exit_step = torch.zeros(len(rows), dtype=torch.long, device=x.device)
+    exit_loop = torch.zeros(len(rows), dtype=torch.long, device=x.device)
     looping = torch.arange(len(rows), device=x.device)  # indices into `rows` still running
-    for step in range(num_steps):
+    for step in range(num_loops):
         batch_rows = rows[looping]
         caches = [cache.slot(step, layer, batch_rows) for layer in range(model.config.num_hidden_layers)]
         x = model.loop(x, (cos, sin), AttentionMask(allowed=cache.mask(batch_rows)), caches)
         last = x[:, -1]
         stop = tracker.exits(step, model.model.early_exit_gate(last).squeeze(-1), last)
-        stop &= exit_step[looping] == 0  # without skipping, a row keeps looping after its exit
+        stop &= exit_loop[looping] == 0  # without skipping, a row keeps looping after its exit
         if stop.any():
             leaving = looping[stop]
             logits[leaving] = model.lm_head(last[stop])
-            exit_step[leaving] = step + 1
+            exit_loop[leaving] = step + 1
             if skip:
                 cache.exit(rows[leaving], step)
         if skip and not stop.all():
@@ -92,9 +92,9 @@ def _run_chunk(model: LoopLM, cache: LoopKVCache, input_ids: torch.Tensor, posit
         elif skip:
             break
     if not skip:
-        cache.exit(rows, num_steps - 1)  # every row ran every step
+        cache.exit(rows, num_loops - 1)  # every row ran every step
     cache.commit()
-    return logits, exit_step
+    return logits, exit_loop
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,17 +117,17 @@ def generate(model: LoopLM, prompts: Sequence[Sequence[int]], config: Generation
     should_stop(row, new_tokens) says so (stop strings); on_token(row, token) streams."""
     if model.tp.enabled:
         raise ValueError("generation runs on one process: load the model at TP = 1 (inference.loading.load_model)")
-    num_steps = config.num_steps or model.config.total_ut_steps
-    config.exit.check(num_steps)
+    num_loops = config.num_loops or model.config.total_ut_steps
+    config.exit.check(num_loops)
     device = next(model.parameters()).device
     ids, valid = left_pad(prompts)
     ids, valid = ids.to(device), valid.to(device)
     batch, width = ids.shape
-    cache = LoopKVCache(model.config, num_steps, batch, width + config.max_new_tokens, config.kv_sharing,
+    cache = LoopKVCache(model.config, num_loops, batch, width + config.max_new_tokens, config.kv_sharing,
                         dtype=next(model.parameters()).dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    exit_steps: list[list[int]] = [[] for _ in range(batch)]
+    exit_loops: list[list[int]] = [[] for _ in range(batch)]
     start = time.perf_counter()
 
     rows = torch.arange(batch, device=device)
@@ -139,7 +139,7 @@ def generate(model: LoopLM, prompts: Sequence[Sequence[int]], config: Generation
         going_on = []
         for i, (row, token, step) in enumerate(zip(rows.tolist(), chosen.tolist(), steps.tolist())):
             tokens[row].append(token)
-            exit_steps[row].append(step)
+            exit_loops[row].append(step)
             if on_token is not None:
                 on_token(row, token)
             ended = token == config.eos_token_id or (should_stop is not None and should_stop(row, tokens[row]))
@@ -154,4 +154,4 @@ def generate(model: LoopLM, prompts: Sequence[Sequence[int]], config: Generation
         logits, steps = _run_chunk(model, cache, chosen.unsqueeze(1), next_position[rows].unsqueeze(1), new_valid,
                                    rows, config.exit, skip=True)
         next_position[rows] += 1
-    return GenerationResult(tokens, exit_steps, time.perf_counter() - start, cache.nbytes())
+    return GenerationResult(tokens, exit_loops, time.perf_counter() - start, cache.nbytes())

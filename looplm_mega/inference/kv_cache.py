@@ -30,12 +30,12 @@ SHARING_MODES = ("full", "last", "mean")
 
 
 class LoopKVCache:
-    def __init__(self, config: LoopLMConfig, num_steps: int, batch: int, max_length: int, sharing: KVSharing = "full",
+    def __init__(self, config: LoopLMConfig, num_loops: int, batch: int, max_length: int, sharing: KVSharing = "full",
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if sharing not in SHARING_MODES:
             raise ValueError(f"kv_sharing={sharing!r}: expected one of {SHARING_MODES}")
-        self.sharing, self.num_steps = sharing, num_steps
-        slots = num_steps if sharing == "full" else 1
+        self.sharing, self.num_loops = sharing, num_loops
+        slots = num_loops if sharing == "full" else 1
         shape = (slots, config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -77,7 +77,7 @@ class LoopKVCache:
     def exit(self, rows: torch.Tensor, step: int) -> None:
         """Rows that stop after `step` (0-based): fill their skipped steps' slots (full sharing)."""
         self._steps_run[rows] = step + 1
-        if self.sharing == "full" and step + 1 < self.num_steps:
+        if self.sharing == "full" and step + 1 < self.num_loops:
             span = slice(self.length, self.length + self._chunk)
             for store in (self.keys, self.values):
                 store[step + 1:][:, :, rows, span] = store[step][:, rows, span].unsqueeze(0)

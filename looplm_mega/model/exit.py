@@ -34,7 +34,7 @@ def exit_entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=0)
 
 
-def expected_exit_step(log_probs: torch.Tensor) -> torch.Tensor:
+def expected_exit_loop(log_probs: torch.Tensor) -> torch.Tensor:
     """E[t] with steps counted from 1, per token."""
     steps = torch.arange(1, log_probs.shape[0] + 1, device=log_probs.device, dtype=log_probs.dtype)
     return (log_probs.exp() * steps.view(-1, *[1] * (log_probs.dim() - 1))).sum(dim=0)

@@ -17,8 +17,8 @@ from typing import Optional
 from looplm_mega.model.config import LoopLMConfig
 
 
-def forward_flops_per_token(config: LoopLMConfig, seq_len: int, num_steps: Optional[int] = None) -> float:
-    steps = num_steps or config.total_ut_steps
+def forward_flops_per_token(config: LoopLMConfig, seq_len: int, num_loops: Optional[int] = None) -> float:
+    steps = num_loops or config.total_ut_steps
     hidden, ffn = config.hidden_size, config.intermediate_size
     q_dim = config.num_attention_heads * config.head_dim
     kv_dim = config.num_key_value_heads * config.head_dim
@@ -29,8 +29,8 @@ def forward_flops_per_token(config: LoopLMConfig, seq_len: int, num_steps: Optio
     return float(steps * (per_loop + readout))
 
 
-def training_flops_per_token(config: LoopLMConfig, seq_len: int, num_steps: Optional[int] = None) -> float:
-    return 3.0 * forward_flops_per_token(config, seq_len, num_steps)
+def training_flops_per_token(config: LoopLMConfig, seq_len: int, num_loops: Optional[int] = None) -> float:
+    return 3.0 * forward_flops_per_token(config, seq_len, num_loops)
 
 
 # Dense peak FLOP/s per device from the vendors' data sheets (SXM parts, no sparsity), used for

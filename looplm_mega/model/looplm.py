@@ -40,9 +40,9 @@ class LoopLMOutput:
     exit_gates: torch.Tensor  # [T, B, S]: lambda_t
     exit_probs: torch.Tensor  # [T, B, S]: p(t|x)
     loss: Optional[torch.Tensor] = None  # the objective (with labels)
-    per_step_loss: Optional[torch.Tensor] = None  # [T] mean CE of each loop (with labels)
+    ce_per_loop: Optional[torch.Tensor] = None  # [T] mean CE of each loop (with labels)
     exit_entropy: Optional[torch.Tensor] = None  # mean H(p) over valid tokens (with labels)
-    mean_exit_step: Optional[torch.Tensor] = None  # mean E[t] over valid tokens (with labels)
+    mean_exit_loop: Optional[torch.Tensor] = None  # mean E[t] over valid tokens (with labels)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -210,7 +210,7 @@ class LoopLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
-        num_steps: Optional[int] = None,
+        num_loops: Optional[int] = None,
         segment_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         objective: Literal["stage1", "stage2"] = "stage1",
@@ -219,9 +219,9 @@ class LoopLM(nn.Module):
         """input_ids [B, S]. labels [B, S] are aligned with the inputs (labels[:, i] is the token
         that follows position i; -100 is ignored). segment_ids [B, S] (document index of each
         token, see attention.segment_ids_from_eod) restricts attention to each document and
-        restarts positions per document. num_steps overrides the loop count T for this call."""
+        restarts positions per document. num_loops overrides the loop count T for this call."""
         config = self.config
-        num_steps = num_steps or config.total_ut_steps
+        num_loops = num_loops or config.total_ut_steps
         if position_ids is None:
             if segment_ids is not None:
                 position_ids = positions_from_segments(segment_ids)
@@ -231,12 +231,12 @@ class LoopLM(nn.Module):
         mask = AttentionMask(segment_ids)
 
         # Truncated back-propagation through loops: the first T - k loops run without a graph.
-        first_tracked = 0 if config.truncated_loops is None else max(0, num_steps - config.truncated_loops)
+        first_tracked = 0 if config.truncated_loops is None else max(0, num_loops - config.truncated_loops)
         grad_enabled = torch.is_grad_enabled()
         per_loop = config.activation_checkpointing == "loop" and grad_enabled
         x = self.model.embed_tokens(input_ids)  # sequence shards under SP
         hidden_states = []
-        for step in range(num_steps):
+        for step in range(num_loops):
             with torch.set_grad_enabled(grad_enabled and step >= first_tracked):
                 x = checkpoint(self.loop, x, rope, mask, use_reentrant=False) if per_loop else self.loop(x, rope, mask)
             hidden_states.append(x)
@@ -261,6 +261,6 @@ class LoopLM(nn.Module):
             result = stage2_loss(stacked, flat_gates, flat_labels, self.lm_head)
         else:
             raise ValueError(f"objective={objective!r}: expected 'stage1' or 'stage2'")
-        output.loss, output.per_step_loss = result.loss, result.per_step_loss
-        output.exit_entropy, output.mean_exit_step = result.exit_entropy, result.mean_exit_step
+        output.loss, output.ce_per_loop = result.loss, result.ce_per_loop
+        output.exit_entropy, output.mean_exit_loop = result.exit_entropy, result.mean_exit_loop
         return output

@@ -20,7 +20,7 @@ from looplm_mega.model.cross_entropy import IGNORE_INDEX
 # (hidden [M, H], labels [M], token_weights [M]) -> (sum_i w_i CE_i, per-token CE [M] detached):
 # the read-out head's weighted cross-entropy (LMHead.forward, or cross_entropy.linear_cross_entropy).
 WeightedCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-from looplm_mega.model.exit import exit_entropy, exit_log_probs, expected_exit_step
+from looplm_mega.model.exit import exit_entropy, exit_log_probs, expected_exit_loop
 
 STAGE2_K = 50.0
 STAGE2_GAMMA = 0.005
@@ -29,9 +29,9 @@ STAGE2_GAMMA = 0.005
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # the objective, scalar
-    per_step_loss: torch.Tensor  # [T] mean CE of each loop step over valid tokens (detached)
+    ce_per_loop: torch.Tensor  # [T] mean CE of each loop step over valid tokens (detached)
     exit_entropy: torch.Tensor  # mean H(p) over valid tokens (detached)
-    mean_exit_step: torch.Tensor  # mean E[t] over valid tokens (detached)
+    mean_exit_loop: torch.Tensor  # mean E[t] over valid tokens (detached)
 
 
 def _mean_over_valid(per_token: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -48,18 +48,18 @@ def stage1_loss(
 ) -> LossOutput:
     """hidden [T, N, H] (normed read-out of each step), log_p [T, N] (exit.exit_log_probs of the
     gate logits), labels [N]."""
-    num_steps, num_tokens, _ = hidden.shape
+    num_loops, num_tokens, _ = hidden.shape
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     p = log_p.exp()
     token_weights = (p * valid / count).reshape(-1)
-    weighted_ce, ce = cross_entropy(hidden.reshape(num_steps * num_tokens, -1), labels.repeat(num_steps), token_weights)
+    weighted_ce, ce = cross_entropy(hidden.reshape(num_loops * num_tokens, -1), labels.repeat(num_loops), token_weights)
     entropy = _mean_over_valid(exit_entropy(log_p), valid, count)
     return LossOutput(
         loss=weighted_ce - beta * entropy,
-        per_step_loss=_mean_over_valid(ce.view(num_steps, num_tokens), valid, count),
+        ce_per_loop=_mean_over_valid(ce.view(num_loops, num_tokens), valid, count),
         exit_entropy=entropy.detach(),
-        mean_exit_step=_mean_over_valid(expected_exit_step(log_p.detach()), valid, count),
+        mean_exit_loop=_mean_over_valid(expected_exit_loop(log_p.detach()), valid, count),
     )
 
 
@@ -68,7 +68,7 @@ def stage2_gate_loss(
     k: float = STAGE2_K, gamma: float = STAGE2_GAMMA,
 ) -> torch.Tensor:
     """ce [T, N] per-token CE of each step (detached from the LM), gate_logits [T, N], labels [N]."""
-    num_steps = ce.shape[0]
+    num_loops = ce.shape[0]
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     ce = ce.detach().float()
@@ -76,26 +76,26 @@ def stage2_gate_loss(
     target_continue = torch.sigmoid(k * (improvement - gamma))
     z = gate_logits[1:].float()
     per_token = -(target_continue * F.logsigmoid(-z) + (1 - target_continue) * F.logsigmoid(z))
-    return _mean_over_valid(per_token, valid, count).sum() / num_steps  # (1/T) sum_t L_t
+    return _mean_over_valid(per_token, valid, count).sum() / num_loops  # (1/T) sum_t L_t
 
 
 def stage2_loss(
     hidden: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor, cross_entropy: WeightedCrossEntropy,
 ) -> LossOutput:
     """Stage II from the read-out: the per-step CE is computed without any gradient."""
-    num_steps, num_tokens, _ = hidden.shape
+    num_loops, num_tokens, _ = hidden.shape
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     with torch.no_grad():
-        no_weights = torch.zeros(num_steps * num_tokens, device=hidden.device)
-        _, ce = cross_entropy(hidden.reshape(num_steps * num_tokens, -1), labels.repeat(num_steps), no_weights)
-    ce = ce.view(num_steps, num_tokens)
+        no_weights = torch.zeros(num_loops * num_tokens, device=hidden.device)
+        _, ce = cross_entropy(hidden.reshape(num_loops * num_tokens, -1), labels.repeat(num_loops), no_weights)
+    ce = ce.view(num_loops, num_tokens)
     log_p = exit_log_probs(gate_logits.detach())
     return LossOutput(
         loss=stage2_gate_loss(ce, gate_logits, labels),
-        per_step_loss=_mean_over_valid(ce, valid, count),
+        ce_per_loop=_mean_over_valid(ce, valid, count),
         exit_entropy=_mean_over_valid(exit_entropy(log_p), valid, count),
-        mean_exit_step=_mean_over_valid(expected_exit_step(log_p), valid, count),
+        mean_exit_loop=_mean_over_valid(expected_exit_loop(log_p), valid, count),
     )
 
 
@@ -111,19 +111,19 @@ class LoopReadout:
     token_ce: torch.Tensor  # [N] this loop's per-token CE (detached), to carry (Stage II needs it)
     ce: torch.Tensor  # mean CE of this loop over valid tokens (detached)
     entropy: torch.Tensor  # this loop's share of mean H(p) (detached)
-    exit_step: torch.Tensor  # this loop's share of mean E[t] (detached)
+    exit_loop: torch.Tensor  # this loop's share of mean E[t] (detached)
 
 
 def stage1_loop_readout(
     hidden: torch.Tensor, gate_logits: torch.Tensor, log_survival: torch.Tensor, labels: torch.Tensor,
-    cross_entropy: WeightedCrossEntropy, beta: float, step: int, num_steps: int,
+    cross_entropy: WeightedCrossEntropy, beta: float, step: int, num_loops: int,
 ) -> LoopReadout:
     """hidden [N, H] (normed read-out of loop `step`, counted from 0), gate_logits [N], log_survival
     [N] (log S_{step-1}; zeros before the first loop), labels [N]."""
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     z = gate_logits.float()
-    last = step == num_steps - 1
+    last = step == num_loops - 1
     log_p = log_survival if last else F.logsigmoid(z) + log_survival
     p = log_p.exp()
     weighted_ce, ce = cross_entropy(hidden, labels, p * valid / count)
@@ -134,13 +134,13 @@ def stage1_loop_readout(
         token_ce=ce,
         ce=(ce * valid).sum() / count,
         entropy=entropy.detach(),
-        exit_step=((step + 1) * p.detach() * valid).sum() / count,
+        exit_loop=((step + 1) * p.detach() * valid).sum() / count,
     )
 
 
 def stage2_loop_readout(
     hidden: torch.Tensor, gate_logits: torch.Tensor, log_survival: torch.Tensor, previous_ce: torch.Tensor,
-    labels: torch.Tensor, cross_entropy: WeightedCrossEntropy, step: int, num_steps: int,
+    labels: torch.Tensor, cross_entropy: WeightedCrossEntropy, step: int, num_loops: int,
 ) -> LoopReadout:
     """Stage II one loop at a time: this loop's term of stage2_gate_loss (from loop 2 on, it needs the
     previous loop's per-token CE, carried as previous_ce). The CE runs without gradient; the caller
@@ -150,18 +150,18 @@ def stage2_loop_readout(
     with torch.no_grad():
         _, ce = cross_entropy(hidden.detach(), labels, torch.zeros(labels.shape, device=hidden.device))
     z = gate_logits.float()
-    log_z = log_survival.detach() if step == num_steps - 1 else F.logsigmoid(z.detach()) + log_survival.detach()
+    log_z = log_survival.detach() if step == num_loops - 1 else F.logsigmoid(z.detach()) + log_survival.detach()
     p = log_z.exp()
     loss = z.new_zeros(())
     if step > 0:
         target_continue = torch.sigmoid(STAGE2_K * ((previous_ce - ce).clamp(min=0) - STAGE2_GAMMA))
         per_token = -(target_continue * F.logsigmoid(-z) + (1 - target_continue) * F.logsigmoid(z))
-        loss = (per_token * valid).sum() / count / num_steps
+        loss = (per_token * valid).sum() / count / num_loops
     return LoopReadout(
         loss=loss,
         log_survival=(log_survival + F.logsigmoid(-z)).detach(),
         token_ce=ce,
         ce=(ce * valid).sum() / count,
         entropy=-(p * log_z * valid).sum() / count,
-        exit_step=((step + 1) * p * valid).sum() / count,
+        exit_loop=((step + 1) * p * valid).sum() / count,
     )

@@ -78,7 +78,7 @@ class LoopStage(nn.Module):
         super().__init__()
         self.model = model
         self.step, self.rank, self.pp = step, rank, pp
-        self.num_steps = model.config.total_ut_steps
+        self.num_loops = model.config.total_ut_steps
         self.objective, self.beta = objective, beta
         self.readouts = readouts  # (step, CE, entropy share, exit-step share, mean gate) of every read-out
         layers = model.model.layers
@@ -115,16 +115,16 @@ class LoopStage(nn.Module):
             hidden, flat_labels = tp.enter(x).flatten(0, 1), labels.flatten()
             if self.objective == "stage2":
                 readout = stage2_loop_readout(hidden, gate_logits, log_survival.flatten(), previous_ce.flatten(),
-                                              flat_labels, model.lm_head, self.step, self.num_steps)
+                                              flat_labels, model.lm_head, self.step, self.num_loops)
             else:
                 readout = stage1_loop_readout(hidden, gate_logits, log_survival.flatten(), flat_labels,
-                                              model.lm_head, self.beta, self.step, self.num_steps)
+                                              model.lm_head, self.beta, self.step, self.num_loops)
             gate_mean = torch.sigmoid(gate_logits.detach().float()).mean()
-            self.readouts.append((self.step, readout.ce, readout.entropy, readout.exit_step, gate_mean))
+            self.readouts.append((self.step, readout.ce, readout.entropy, readout.exit_loop, gate_mean))
             loss = loss + readout.loss
             log_survival = readout.log_survival.view_as(log_survival)
             previous_ce = readout.token_ce.view_as(previous_ce)
-            if self.step == self.num_steps - 1:
+            if self.step == self.num_loops - 1:
                 return loss
         return x, log_survival, previous_ce, loss
 
@@ -169,7 +169,7 @@ class LoopedPipeline:
                    torch.empty(rows, seq, device=device, requires_grad=True), torch.empty(rows, seq, device=device),
                    torch.empty((), device=device, requires_grad=True))
         inputs = (torch.empty(rows, seq, dtype=torch.long, device=device),) if stage.first else carried
-        last = stage.step == stage.num_steps - 1 and stage.rank == stage.pp - 1
+        last = stage.step == stage.num_loops - 1 and stage.rank == stage.pp - 1
         return inputs, (carried[-1] if last else carried)
 
     def _loss(self, output: torch.Tensor, target=None) -> torch.Tensor:
@@ -201,12 +201,12 @@ class LoopedPipeline:
     def _summary(self, losses: list) -> dict:
         steps = self.model.config.total_ut_steps
         ce, gates = torch.zeros(steps), torch.zeros(steps)
-        entropy = exit_step = 0.0
+        entropy = exit_loop = 0.0
         for step, step_ce, step_entropy, step_exit, gate_mean in self.readouts:
             ce[step] += float(step_ce)
             gates[step] += float(gate_mean)
             entropy += float(step_entropy)
-            exit_step += float(step_exit)
+            exit_loop += float(step_exit)
         n = self.micro_batches
-        return {"loss": float(sum(loss.detach() for loss in losses)), "per_step_loss": ce / n,
-                "exit_entropy": entropy / n, "mean_exit_step": exit_step / n, "gate_mean_per_step": gates / n}
+        return {"loss": float(sum(loss.detach() for loss in losses)), "ce_per_loop": ce / n,
+                "exit_entropy": entropy / n, "mean_exit_loop": exit_loop / n, "gate_mean_per_loop": gates / n}

@@ -206,7 +206,7 @@ def make_test_set(max_ops: int, size: int = 2000, seed: int = DEFAULT_TEST_SEED,
 
 
 @torch.no_grad()
-def loop_predictions(model: torch.nn.Module, data: ManoBatch, num_steps: Optional[int] = None,
+def loop_predictions(model: torch.nn.Module, data: ManoBatch, num_loops: Optional[int] = None,
                      batch_size: int = 1000) -> torch.Tensor:
     """[T, N]: the argmax over the full vocabulary of each loop's read-out at the <ans> position
     (what greedy decoding would emit; a non-number counts as wrong). The model is put in eval mode
@@ -217,7 +217,7 @@ def loop_predictions(model: torch.nn.Module, data: ManoBatch, num_steps: Optiona
         chunks = []
         for start in range(0, len(data), batch_size):
             part = data.slice(start, start + batch_size)
-            hidden = model(part.input_ids, num_steps=num_steps).hidden_states  # T x [b, S, H]
+            hidden = model(part.input_ids, num_loops=num_loops).hidden_states  # T x [b, S, H]
             rows = torch.arange(len(part))
             at_answer = torch.stack([h[rows, part.answer_positions] for h in hidden])  # [T, b, H]
             chunks.append(model.lm_head(at_answer).argmax(dim=-1))
@@ -226,16 +226,16 @@ def loop_predictions(model: torch.nn.Module, data: ManoBatch, num_steps: Optiona
         model.train(was_training)
 
 
-def loop_accuracies(model: torch.nn.Module, data: ManoBatch, num_steps: Optional[int] = None) -> list[float]:
+def loop_accuracies(model: torch.nn.Module, data: ManoBatch, num_loops: Optional[int] = None) -> list[float]:
     """Exact-match accuracy of the answer read out after each loop 1..T."""
-    predictions = loop_predictions(model, data, num_steps)
+    predictions = loop_predictions(model, data, num_loops)
     return (predictions == data.answers).float().mean(dim=1).tolist()
 
 
-def answer_accuracy(model: torch.nn.Module, data: ManoBatch, num_steps: Optional[int] = None) -> float:
-    """Exact-match accuracy of the answer token read out after the last loop (num_steps: that many
+def answer_accuracy(model: torch.nn.Module, data: ManoBatch, num_loops: Optional[int] = None) -> float:
+    """Exact-match accuracy of the answer token read out after the last loop (num_loops: that many
     loops instead of the model's total_ut_steps). Chance is 1/modulus (4.3% for 23)."""
-    return loop_accuracies(model, data, num_steps)[-1]
+    return loop_accuracies(model, data, num_loops)[-1]
 
 
 def check_modulus(modulus: int) -> None:

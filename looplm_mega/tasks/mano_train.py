@@ -174,9 +174,9 @@ def sweep_grid(shapes: Sequence[str], max_ops: Sequence[int], lrs: Sequence[floa
     """Every combination, in this fixed order (the last varies fastest): shape, L, lr, steps, seed.
     Task id i of a job array is entry i. `common`: the other ManoRun fields."""
     runs = []
-    for shape, ops, lr, num_steps, seed in itertools.product(shapes, max_ops, lrs, steps, seeds):
+    for shape, ops, lr, num_loops, seed in itertools.product(shapes, max_ops, lrs, steps, seeds):
         layers, loops = parse_shape(shape)
-        runs.append(ManoRun(layers=layers, loops=loops, max_ops=ops, lr=lr, steps=num_steps, seed=seed, **common))
+        runs.append(ManoRun(layers=layers, loops=loops, max_ops=ops, lr=lr, steps=num_loops, seed=seed, **common))
     return runs
 
 

@@ -83,7 +83,7 @@ class MetricsLogger:
 
 
 def _flatten(metrics: dict) -> dict:
-    """Lists (per-loop values) become one scalar each: ce_per_step -> ce_per_step/1, /2, ..."""
+    """Lists (per-loop values) become one scalar each: ce_per_loop -> ce_per_loop/1, /2, ..."""
     flat = {}
     for key, value in metrics.items():
         if isinstance(value, (list, tuple)):

@@ -105,7 +105,7 @@ class PipelineEngine:
     def eval_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Mean CE of every loop over the micro-batches given (on every rank)."""
         with self._autocast():
-            return self._from_last_stage(self.pipeline.eval_step(input_ids, labels, segment_ids))["per_step_loss"]
+            return self._from_last_stage(self.pipeline.eval_step(input_ids, labels, segment_ids))["ce_per_loop"]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -115,14 +115,14 @@ class PipelineEngine:
         steps = self.module.config.total_ut_steps
         values = torch.zeros(3 + 2 * steps, dtype=torch.float64)
         if metrics:
-            values[:3] = torch.tensor([metrics["loss"], metrics["exit_entropy"], metrics["mean_exit_step"]])
-            values[3:3 + steps] = metrics["per_step_loss"].double()
-            values[3 + steps:] = metrics["gate_mean_per_step"].double()
+            values[:3] = torch.tensor([metrics["loss"], metrics["exit_entropy"], metrics["mean_exit_loop"]])
+            values[3:3 + steps] = metrics["ce_per_loop"].double()
+            values[3 + steps:] = metrics["gate_mean_per_loop"].double()
         if self.parallel.pp > 1:
             last = dist.get_global_rank(self.parallel.pp_group, self.parallel.pp - 1)
             dist.broadcast(values, src=last, group=self.parallel.pp_group)
-        return {"loss": values[0].item(), "exit_entropy": values[1].item(), "mean_exit_step": values[2].item(),
-                "per_step_loss": values[3:3 + steps].float(), "gate_mean_per_step": values[3 + steps:].float()}
+        return {"loss": values[0].item(), "exit_entropy": values[1].item(), "mean_exit_loop": values[2].item(),
+                "ce_per_loop": values[3:3 + steps].float(), "gate_mean_per_loop": values[3 + steps:].float()}
 
     def _average_gradients_over_data_parallel(self) -> None:
         if self.parallel.dp == 1:

@@ -446,12 +446,12 @@ class Trainer:
                 total += self.engine.eval_batch(batch["input_ids"], batch["labels"], batch.get("segment_ids")) * self.grad_accum
         else:
             for _ in range(iters):
-                total += self._forward(next(data)).per_step_loss.float()
+                total += self._forward(next(data)).ce_per_loop.float()
         if dist.is_initialized():
             dist.all_reduce(total)
         self.engine.train()
-        per_step = (total / (iters * self.world)).tolist()
-        return {"loss": per_step[-1], "ce_per_step": per_step}
+        per_loop = (total / (iters * self.world)).tolist()
+        return {"loss": per_loop[-1], "ce_per_loop": per_loop}
 
     def _log_validation(self, logger: MetricsLogger, step: int) -> None:
         metrics = self.evaluate()
@@ -468,33 +468,33 @@ class _Window:
     """Sums over the micro-batches since the last log line."""
 
     def __init__(self):
-        self.count, self.loss, self.ce, self.entropy, self.exit_step, self.gates = 0, 0.0, None, 0.0, 0.0, None
+        self.count, self.loss, self.ce, self.entropy, self.exit_loop, self.gates = 0, 0.0, None, 0.0, 0.0, None
         self.tokens, self.seconds, self.lr, self.grad_norm, self.steps = 0, 0.0, 0.0, None, 0
 
     def add_metrics(self, metrics: dict, tokens: int, micro_batches: int) -> None:
         """A pipeline step's means over its micro-batches, counted as that many micro-batches."""
         self.count += micro_batches
         self.loss += metrics["loss"] * micro_batches
-        ce, gates = metrics["per_step_loss"] * micro_batches, metrics["gate_mean_per_step"] * micro_batches
+        ce, gates = metrics["ce_per_loop"] * micro_batches, metrics["gate_mean_per_loop"] * micro_batches
         self.ce = ce if self.ce is None else self.ce + ce
         self.gates = gates if self.gates is None else self.gates + gates
         self.entropy += metrics["exit_entropy"] * micro_batches
-        self.exit_step += metrics["mean_exit_step"] * micro_batches
+        self.exit_loop += metrics["mean_exit_loop"] * micro_batches
         self.tokens += tokens
 
     def add(self, output, batch: dict) -> None:
         self.count += 1
         self.loss += output.loss.item()
-        ce = output.per_step_loss.detach().float().cpu()
+        ce = output.ce_per_loop.detach().float().cpu()
         gates = output.exit_gates.detach().float().mean(dim=(1, 2)).cpu()
         self.ce = ce if self.ce is None else self.ce + ce
         self.gates = gates if self.gates is None else self.gates + gates
         self.entropy += output.exit_entropy.item()
-        self.exit_step += output.mean_exit_step.item()
+        self.exit_loop += output.mean_exit_loop.item()
         self.tokens += batch["input_ids"].numel()
 
     def summary(self, trainer: Trainer) -> dict:
-        values = torch.tensor([self.loss, self.entropy, self.exit_step, *self.ce.tolist()], dtype=torch.float64)
+        values = torch.tensor([self.loss, self.entropy, self.exit_loop, *self.ce.tolist()], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(values)
         values /= self.count * trainer.world
@@ -509,8 +509,8 @@ class _Window:
                 "layers": trainer.model_config.num_hidden_layers, "data_segment": stage.segment}
                if not trainer.curriculum.implicit else {}),
             "step_seconds": self.seconds / max(1, self.steps),
-            "loss": values[0].item(), "ce_per_step": values[3:].tolist(), "exit_entropy": values[1].item(),
-            "mean_exit_step": values[2].item(), "gate_mean_per_step": (self.gates / self.count).tolist(),
+            "loss": values[0].item(), "ce_per_loop": values[3:].tolist(), "exit_entropy": values[1].item(),
+            "mean_exit_loop": values[2].item(), "gate_mean_per_loop": (self.gates / self.count).tolist(),
             "lr": self.lr, "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12,
             "skipped_steps": trainer.state.skipped_steps, "skipped_micro_batches": trainer.state.skipped_micro_batches,

@@ -53,7 +53,7 @@ def test_loglikelihood_is_the_continuations_log_probability_in_any_batch(files):
 
 def test_static_exit_scores_with_the_chosen_loop(files):
     model, tokenizer = files
-    lm = LoopLMHarness(str(model), str(tokenizer), exit="static", exit_step=1)
+    lm = LoopLMHarness(str(model), str(tokenizer), exit="static", exit_loop=1)
     (score, _), = lm.loglikelihood([request("loglikelihood", "def f(x):", "\n    return x")])
     expected = reference_log_prob(lm, lm.tok_encode("def f(x):"), lm.tok_encode("\n    return x"), step=0)
     assert score == pytest.approx(expected, abs=1e-4)

@@ -28,7 +28,7 @@ def test_quickstart_pipeline_at_reduced_size(tmp_path, capfd):
     assert "loops per token of 4" in printed
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
-    assert len([r for r in records if r["split"] == "valid"][-1]["ce_per_step"]) == 4
+    assert len([r for r in records if r["split"] == "valid"][-1]["ce_per_loop"]) == 4
     assert (out / "data" / "stdlib_text_document.idx").exists()
     model = LoopLM(read_config(out / "model"))
     model.load_full_state_dict(read_full_state(out / "model"))

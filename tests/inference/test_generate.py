@@ -16,11 +16,11 @@ def model():
     return build_model(num_key_value_heads=2, sublayer_norm_init=1.0).eval()
 
 
-def uncached_greedy(model, prompt, new_tokens, num_steps=None):
+def uncached_greedy(model, prompt, new_tokens, num_loops=None):
     """Recompute the whole sequence for every token and read out the last loop (no cache at all)."""
     ids, logits = list(prompt), []
     for _ in range(new_tokens):
-        out = model(torch.tensor([ids]), num_steps=num_steps)
+        out = model(torch.tensor([ids]), num_loops=num_loops)
         logits.append(model.lm_head(out.hidden_states[-1][0, -1]))
         ids.append(int(logits[-1].argmax()))
     return ids[len(prompt):], logits
@@ -31,7 +31,7 @@ def test_cached_batched_decode_equals_the_uncached_forward_of_each_prompt(model)
     for row, prompt in enumerate(PROMPTS):
         expected, _ = uncached_greedy(model, prompt, 6)
         assert result.tokens[row] == expected
-        assert result.exit_steps[row] == [3] * 6
+        assert result.exit_loops[row] == [3] * 6
     assert result.loops_per_token == 3
 
 
@@ -53,12 +53,12 @@ def test_cached_logits_match_uncached_logits(model):
 def test_q_exit_with_threshold_one_is_the_full_depth_model(model):
     full = generate(model, PROMPTS, GenerationConfig(max_new_tokens=5))
     q_one = generate(model, PROMPTS, GenerationConfig(max_new_tokens=5, exit=ExitRule("q_exit", threshold=1.0)))
-    assert q_one.tokens == full.tokens and q_one.exit_steps == full.exit_steps
+    assert q_one.tokens == full.tokens and q_one.exit_loops == full.exit_loops
 
 
 def test_static_exit_reads_out_like_a_model_with_fewer_loops(model):
-    static = generate(model, PROMPTS, GenerationConfig(max_new_tokens=5, exit=ExitRule("static", step=2)))
-    two_loops = generate(model, PROMPTS, GenerationConfig(max_new_tokens=5, num_steps=2))
+    static = generate(model, PROMPTS, GenerationConfig(max_new_tokens=5, exit=ExitRule("static", loops=2)))
+    two_loops = generate(model, PROMPTS, GenerationConfig(max_new_tokens=5, num_loops=2))
     assert static.tokens == two_loops.tokens
     assert static.loops_per_token == 2
 
@@ -72,7 +72,7 @@ def test_q_exit_skips_loops_and_fills_the_skipped_cache_slots(model):
     rule = ExitRule("q_exit", threshold=q)
     config = GenerationConfig(max_new_tokens=8, exit=rule)
     result = generate(model, [prompt], config)
-    steps = result.exit_steps[0]
+    steps = result.exit_loops[0]
     assert min(steps) < 3 and result.loops_per_token < 3  # ... and some new tokens exit early
 
     # Replay the decode with our own cache to look at what early-exited tokens left behind.
@@ -81,9 +81,9 @@ def test_q_exit_skips_loops_and_fills_the_skipped_cache_slots(model):
     _run_chunk(model, cache, ids, torch.arange(len(prompt)).unsqueeze(0), torch.ones_like(ids, dtype=torch.bool), rows, rule, False)
     for i, (token, step) in enumerate(zip(result.tokens[0][:-1], steps[1:])):
         position = len(prompt) + i
-        _, exit_step = _run_chunk(model, cache, torch.tensor([[token]]), torch.tensor([[position]]),
+        _, exit_loop = _run_chunk(model, cache, torch.tensor([[token]]), torch.tensor([[position]]),
                                   torch.ones(1, 1, dtype=torch.bool), rows, rule, True)
-        assert int(exit_step) == step
+        assert int(exit_loop) == step
         for later in range(step, 3):
             torch.testing.assert_close(cache.keys[later, :, 0, position], cache.keys[step - 1, :, 0, position], rtol=0, atol=0)
         assert cache.keys[step - 1, :, 0, position].abs().sum() > 0
@@ -146,8 +146,8 @@ def test_sampling_is_seeded(model):
 
 
 def test_bad_generation_settings_name_the_value(model):
-    with pytest.raises(ValueError, match="exit step 4"):
-        generate(model, PROMPTS, GenerationConfig(exit=ExitRule("static", step=4)))
+    with pytest.raises(ValueError, match="static exit at 4 loops"):
+        generate(model, PROMPTS, GenerationConfig(exit=ExitRule("static", loops=4)))
     with pytest.raises(ValueError, match="kv_sharing='half'"):
         generate(model, PROMPTS, GenerationConfig(kv_sharing="half"))
     with pytest.raises(ValueError, match="at least one token"):

@@ -1,6 +1,6 @@
 import torch
 
-from looplm_mega.model.exit import exit_cdf, exit_entropy, exit_log_probs, expected_exit_step
+from looplm_mega.model.exit import exit_cdf, exit_entropy, exit_log_probs, expected_exit_loop
 
 
 def test_exit_distribution_matches_the_formula():
@@ -29,4 +29,4 @@ def test_single_step_is_certain_and_extreme_gates_stay_finite():
     z = torch.tensor([[200.0], [-200.0], [3.0]])
     log_p = exit_log_probs(z)
     assert torch.isfinite(exit_entropy(log_p)).all()
-    torch.testing.assert_close(expected_exit_step(log_p), torch.tensor([1.0]))
+    torch.testing.assert_close(expected_exit_loop(log_p), torch.tensor([1.0]))

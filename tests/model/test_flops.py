@@ -28,4 +28,4 @@ def test_flop_count_matches_the_executed_matmuls():
 
 def test_more_loops_cost_proportionally_more():
     config = build_model().config
-    assert forward_flops_per_token(config, 128, num_steps=6) == 2 * forward_flops_per_token(config, 128, num_steps=3)
+    assert forward_flops_per_token(config, 128, num_loops=6) == 2 * forward_flops_per_token(config, 128, num_loops=3)

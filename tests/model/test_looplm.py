@@ -23,8 +23,8 @@ def test_output_shapes_and_distribution():
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 16, 32)
     assert out.exit_gates.shape == out.exit_probs.shape == (3, 2, 16)
     torch.testing.assert_close(out.exit_probs.sum(0), torch.ones(2, 16))
-    assert out.per_step_loss.shape == (3,) and out.loss.ndim == 0
-    assert model(ids, num_steps=5).exit_probs.shape == (5, 2, 16)
+    assert out.ce_per_loop.shape == (3,) and out.loss.ndim == 0
+    assert model(ids, num_loops=5).exit_probs.shape == (5, 2, 16)
 
 
 def test_state_dict_names_are_the_released_names():
@@ -57,7 +57,7 @@ def test_one_loop_is_a_plain_causal_lm():
     ids = _ids()
     labels = torch.roll(ids, -1, 1)
     labels[:, -1] = -100
-    out = model(ids, labels=labels, num_steps=1)
+    out = model(ids, labels=labels, num_loops=1)
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
@@ -166,7 +166,7 @@ def test_set_rope_theta_on_a_live_model():
 def test_fewer_loops_are_a_prefix_of_more_loops():
     model = build_model()
     ids = _ids()
-    short, long = model(ids, num_steps=2), model(ids, num_steps=5)
+    short, long = model(ids, num_loops=2), model(ids, num_loops=5)
     for a, b in zip(short.hidden_states, long.hidden_states):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -187,7 +187,7 @@ def test_fused_and_naive_model_losses_and_gradients_agree():
         model = build_model(fused_cross_entropy=fused)
         out = model(ids, labels=ids)
         out.loss.backward()
-        results.append((out.loss, out.per_step_loss, grads(model)))
+        results.append((out.loss, out.ce_per_loop, grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
     for name, g in results[1][2].items():

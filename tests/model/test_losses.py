@@ -56,7 +56,7 @@ def test_stage1_equals_hand_computation():
         out = stage1_loss(h.float(), exit_log_probs(z.float()), y, _head(w.float(), fused, 4), beta=0.1)
         torch.testing.assert_close(out.loss, (total / count).float(), rtol=1e-5, atol=1e-6)
         valid = y != IGNORE_INDEX
-        torch.testing.assert_close(out.per_step_loss, (ce[:, valid].mean(1)).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.ce_per_loop, (ce[:, valid].mean(1)).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_stage1_gradients_fused_equal_naive():
@@ -95,7 +95,7 @@ def test_stage2_trains_only_the_gate():
     out.loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
-    assert out.per_step_loss.shape == (3,)
+    assert out.ce_per_loop.shape == (3,)
 
 
 def test_loop_by_loop_readouts_sum_to_the_whole_objectives():

@@ -48,11 +48,11 @@ def _pipeline_side_by_side(loops: int, objective: str = "stage1") -> None:
             out = reference(ids[rows], labels=labels[rows], segment_ids=segments[rows], objective=objective)
             (out.loss / MICRO_BATCHES).backward()
             expected_loss += out.loss.item() / MICRO_BATCHES
-            expected_ce += out.per_step_loss / MICRO_BATCHES
+            expected_ce += out.ce_per_loop / MICRO_BATCHES
         result = pipeline.train_step(ids, labels, segments)
         if pipeline.is_last:
             assert abs(result["loss"] - expected_loss) < tolerance * abs(expected_loss), (step, result["loss"], expected_loss)
-            torch.testing.assert_close(result["per_step_loss"], expected_ce, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(result["ce_per_loop"], expected_ce, rtol=1e-5, atol=1e-6)
         else:
             assert result == {}
         ref_params = dict(reference.named_parameters())

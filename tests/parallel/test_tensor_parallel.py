@@ -53,7 +53,7 @@ def _train_side_by_side(sequence_parallel: bool, objective: str) -> None:
         for out in outputs:
             out.loss.backward()
         torch.testing.assert_close(outputs[1].loss, outputs[0].loss, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(outputs[1].per_step_loss, outputs[0].per_step_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(outputs[1].ce_per_loop, outputs[0].ce_per_loop, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(outputs[1].exit_probs, outputs[0].exit_probs, rtol=1e-5, atol=1e-6)
         ref_params = dict(reference.named_parameters())
         for name, param in sharded.named_parameters():

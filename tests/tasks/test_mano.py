@@ -123,7 +123,7 @@ def test_labels_follow_the_looplm_convention():
     rows = torch.arange(len(batch))
     for step, hidden in enumerate(output.hidden_states):
         logits = model.lm_head(hidden[rows, batch.answer_positions])
-        assert torch.allclose(output.per_step_loss[step], F.cross_entropy(logits.float(), batch.answers), atol=1e-5)
+        assert torch.allclose(output.ce_per_loop[step], F.cross_entropy(logits.float(), batch.answers), atol=1e-5)
 
 
 class _Oracle(torch.nn.Module):
@@ -135,9 +135,9 @@ class _Oracle(torch.nn.Module):
         self.vocab, self.shift, self.loops = vocab, shift, loops
         self.lm_head = torch.nn.Identity()
 
-    def forward(self, input_ids, num_steps=None):
+    def forward(self, input_ids, num_loops=None):
         hidden = F.one_hot(torch.roll(input_ids, -self.shift, dims=1), self.vocab).float()
-        return SimpleNamespace(hidden_states=[hidden] * (num_steps or self.loops))
+        return SimpleNamespace(hidden_states=[hidden] * (num_loops or self.loops))
 
 
 def test_answer_accuracy_reads_the_answer_position():
@@ -145,7 +145,7 @@ def test_answer_accuracy_reads_the_answer_position():
     vocab = mano.vocab_size(4)
     assert mano.answer_accuracy(_Oracle(vocab), test) == 1.0
     assert mano.answer_accuracy(_Oracle(vocab, shift=0), test) == 0.0  # predicts <ans>: not a number
-    assert mano.loop_accuracies(_Oracle(vocab), test, num_steps=2) == [1.0, 1.0]
+    assert mano.loop_accuracies(_Oracle(vocab), test, num_loops=2) == [1.0, 1.0]
 
 
 def test_answer_accuracy_of_a_looplm_and_its_mode_is_kept():
@@ -155,7 +155,7 @@ def test_answer_accuracy_of_a_looplm_and_its_mode_is_kept():
     accuracies = mano.loop_accuracies(model, test)
     assert len(accuracies) == 3 and all(0 <= a <= 1 for a in accuracies)
     assert mano.answer_accuracy(model, test) == accuracies[-1]
-    assert len(mano.loop_accuracies(model, test, num_steps=5)) == 5
+    assert len(mano.loop_accuracies(model, test, num_loops=5)) == 5
     assert model.training
 
 

@@ -13,7 +13,7 @@ def model_dir(tmp_path_factory):
 
 def test_cli_streams_one_prompt_and_reports_speed_and_loops(model_dir, capsys):
     main(["--model", str(model_dir / "model"), "--tokenizer", str(model_dir / "tokenizer.json"), "--prompt", "def ",
-          "--max-new-tokens", "8", "--kv-sharing", "mean", "--exit", "static", "--exit-step", "2"])
+          "--max-new-tokens", "8", "--kv-sharing", "mean", "--exit", "static", "--exit-loop", "2"])
     out, err = capsys.readouterr()
     assert out.startswith("def ")
     assert "8 tokens" in err and "2.00 loops per token of 4" in err and "(mean)" in err

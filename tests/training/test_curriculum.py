@@ -59,12 +59,12 @@ def test_a_run_switches_loops_beta_rope_and_lr_at_the_boundary(staged_run):
     records = [json.loads(line) for line in (staged_run / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in records if r["split"] == "train"}
     assert [train[s]["stage"] for s in range(1, 7)] == ["stable"] * 3 + ["anneal"] * 3
-    assert [len(train[s]["ce_per_step"]) for s in range(1, 7)] == [2, 2, 2, 4, 4, 4]
+    assert [len(train[s]["ce_per_loop"]) for s in range(1, 7)] == [2, 2, 2, 4, 4, 4]
     assert [train[s]["entropy_beta"] for s in (3, 4)] == [0.1, 0.05]
     assert [round(train[s]["rope_theta"]) for s in (3, 4, 5, 6)] == [10000, 20000, 40000, 40000]
     assert [train[s]["lr"] for s in (4, 5, 6)] == [5e-4] * 3
     valid = [r for r in records if r["split"] == "valid"][-1]
-    assert valid["stage"] == "anneal" and len(valid["ce_per_step"]) == 4
+    assert valid["stage"] == "anneal" and len(valid["ce_per_loop"]) == 4
     # Checkpoints at 2 and 4 (save_interval), 3 (the boundary) and 6 (the end).
     assert sorted(p.name for p in (staged_run / "checkpoints").glob("step*")) == [
         "step00000002", "step00000003", "step00000004", "step00000006"][-3:]  # keep_last 3
@@ -212,12 +212,12 @@ def test_a_run_ramps_its_batch_then_switches_sequence_length_and_data(data_run):
     assert [train[s]["data_segment"] for s in range(1, 14)] == [0] * 10 + [1] * 3
     assert train[13]["consumed_samples"] == 4 * 4 + 8 * 6 + 4 * 3
     batches = [json.loads(line) for line in (data_run / "batches.jsonl").read_text().splitlines()]
-    per_step = {}
+    per_loop = {}
     for b in batches:
-        per_step.setdefault(b["step"], []).append(b)
-    assert [len(per_step[s]) for s in range(13)] == [2] * 4 + [4] * 6 + [4] * 3  # micro-batches
-    assert all(b["shape"] == [2, 32] and b["min"] < 400 for s in range(10) for b in per_step[s])
-    assert all(b["shape"] == [1, 64] and b["min"] >= 400 for s in range(10, 13) for b in per_step[s])
+        per_loop.setdefault(b["step"], []).append(b)
+    assert [len(per_loop[s]) for s in range(13)] == [2] * 4 + [4] * 6 + [4] * 3  # micro-batches
+    assert all(b["shape"] == [2, 32] and b["min"] < 400 for s in range(10) for b in per_loop[s])
+    assert all(b["shape"] == [1, 64] and b["min"] >= 400 for s in range(10, 13) for b in per_loop[s])
     valid = [r for r in records if r["split"] == "valid"][-1]
     assert valid["stage"] == "long"
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Validation loss and accuracy per loop step of a trained LoopLM, and its exit distribution.
 
-    python tools/eval_steps.py --model runs/tiny/model --data data/c_text_document \\
+    python tools/eval_loops.py --model runs/tiny/model --data data/c_text_document \\
         --seq-length 1024 --batch-size 8 --num-batches 50 --output runs/tiny/eval
 
 Reads the validation split of the data as training does (same split ratios, seed and document
 masking: pass the run's --split / --seed / --eod-token-id if it changed them); `--split 0,1,0`
-evaluates every document of a held-out dataset. Writes eval_steps.json (every number),
-loss_per_step.png and exit_histogram.png into --output, and prints a table per loop step.
+evaluates every document of a held-out dataset. Writes eval_loops.json (every number),
+ce_per_loop.png and exit_histogram.png into --output, and prints a table per loop step.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from tqdm import tqdm  # noqa: E402
 from looplm_mega.data.builder import build_datasets  # noqa: E402
 from looplm_mega.data.config import SPLIT_NAMES, DataConfig  # noqa: E402
 from looplm_mega.data.gpt_dataset import collate_batch  # noqa: E402
-from looplm_mega.eval.loop_steps import LoopStepMetrics, evaluate_loop_steps  # noqa: E402
-from looplm_mega.eval.plots import plot_exit_histogram, plot_loss_per_step, require_matplotlib  # noqa: E402
+from looplm_mega.eval.per_loop import PerLoopMetrics, evaluate_per_loop  # noqa: E402
+from looplm_mega.eval.plots import plot_exit_histogram, plot_ce_per_loop, require_matplotlib  # noqa: E402
 from looplm_mega.inference.loading import load_model  # noqa: E402
 from looplm_mega.training.hf_format import DTYPES  # noqa: E402
 
-RESULTS, LOSS_PLOT, EXIT_PLOT = "eval_steps.json", "loss_per_step.png", "exit_histogram.png"
+RESULTS, LOSS_PLOT, EXIT_PLOT = "eval_loops.json", "ce_per_loop.png", "exit_histogram.png"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-batches", type=int, default=10)
-    p.add_argument("--num-steps", type=int, default=None, help="loop steps T (default: the model's total_ut_steps)")
+    p.add_argument("--num-loops", type=int, default=None, help="loop steps T (default: the model's total_ut_steps)")
     p.add_argument("--exit-threshold", type=float, default=None,
                    help="q of the Q-exit, in [0, 1] (default: the model's early_exit_threshold)")
-    p.add_argument("--output", required=True, help="folder for eval_steps.json and the plots")
+    p.add_argument("--output", required=True, help="folder for eval_loops.json and the plots")
     p.add_argument("--split", default=DataConfig.split, help="train/valid/test document ratios (default %(default)s)")
     p.add_argument("--split-name", choices=SPLIT_NAMES, default="valid", help="which split to evaluate")
     p.add_argument("--seed", type=int, default=DataConfig.seed, help="sample shuffle seed (default %(default)s)")
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as stored)")
     args = p.parse_args(argv)
-    for name in ("seq_length", "batch_size", "num_batches", "num_steps"):
+    for name in ("seq_length", "batch_size", "num_batches", "num_loops"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: must be at least 1")
@@ -63,13 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def print_table(metrics: LoopStepMetrics) -> None:
+def print_table(metrics: PerLoopMetrics) -> None:
     print(f"{'step':>4}  {'CE':>8}  {'accuracy':>8}  {'mean p(t)':>9}  {'Q-exit tokens':>13}")
-    rows = zip(metrics.ce_per_step, metrics.accuracy_per_step, metrics.exit_prob_per_step, metrics.exit_step_counts)
+    rows = zip(metrics.ce_per_loop, metrics.accuracy_per_loop, metrics.exit_prob_per_loop, metrics.exit_loop_counts)
     for step, (ce, accuracy, p, count) in enumerate(rows, start=1):
         print(f"{step:>4}  {ce:>8.4f}  {accuracy:>8.4f}  {p:>9.4f}  {count:>13,}")
-    print(f"tokens: {metrics.num_tokens:,}  mean E[t]: {metrics.mean_expected_exit_step:.3f}  "
-          f"Q-exit (q={metrics.exit_threshold:g}): mean step {metrics.mean_exit_step:.3f}, "
+    print(f"tokens: {metrics.num_tokens:,}  mean E[t]: {metrics.mean_expected_exit_loop:.3f}  "
+          f"Q-exit (q={metrics.exit_threshold:g}): mean step {metrics.mean_exit_loop:.3f}, "
           f"CE {metrics.adaptive_ce:.4f}, accuracy {metrics.adaptive_accuracy:.4f}")
 
 
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         dataset = build_datasets(data, {args.split_name: samples})[split]
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=collate_batch)
         batches = tqdm(loader, total=args.num_batches, desc="eval", unit="batch")
-        metrics = evaluate_loop_steps(model, batches, args.num_steps, args.exit_threshold)
+        metrics = evaluate_per_loop(model, batches, args.num_loops, args.exit_threshold)
     except (ImportError, FileNotFoundError, ValueError) as e:  # IndexedDatasetError, ConfigError: ValueErrors
         sys.exit(f"error: {e}")
 
@@ -105,9 +105,9 @@ def main(argv=None) -> None:
     tmp = output / f".{RESULTS}.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(output / RESULTS)
-    plot_loss_per_step(output / LOSS_PLOT, metrics.ce_per_step, metrics.accuracy_per_step, metrics.adaptive_ce,
+    plot_ce_per_loop(output / LOSS_PLOT, metrics.ce_per_loop, metrics.accuracy_per_loop, metrics.adaptive_ce,
                        metrics.exit_threshold)
-    plot_exit_histogram(output / EXIT_PLOT, metrics.exit_step_counts, metrics.exit_prob_per_step,
+    plot_exit_histogram(output / EXIT_PLOT, metrics.exit_loop_counts, metrics.exit_prob_per_loop,
                         metrics.exit_threshold)
     print_table(metrics)
     print(f"wrote {output}: {RESULTS}, {LOSS_PLOT}, {EXIT_PLOT}")

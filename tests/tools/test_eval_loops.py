@@ -13,7 +13,7 @@ from looplm_mega.training.model_dir import write_model_dir
 from tests.data.synthetic_datasets import write_random_dataset
 from tests.helpers import tiny_config
 
-TOOL = Path(__file__).resolve().parents[2] / "tools/eval_steps.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools/eval_loops.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -23,7 +23,7 @@ def evaluate(*args) -> subprocess.CompletedProcess:
 
 def tool_main():
     """The tool's main(), in this process: the error cases need no fresh interpreter each."""
-    spec = importlib.util.spec_from_file_location("eval_steps", TOOL)
+    spec = importlib.util.spec_from_file_location("eval_loops", TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -45,21 +45,21 @@ def inputs(tmp_path_factory):
 def test_writes_json_plots_and_a_table(inputs, tmp_path):
     model_dir, data = inputs
     done = evaluate("--model", model_dir, "--data", data, "--data", data, "--seq-length", 32, "--batch-size", 3,
-                    "--num-batches", 2, "--num-steps", 4, "--exit-threshold", 0.6, "--output", tmp_path / "out",
+                    "--num-batches", 2, "--num-loops", 4, "--exit-threshold", 0.6, "--output", tmp_path / "out",
                     "--cache-dir", tmp_path / "cache")
     assert done.returncode == 0, done.stderr
-    results = json.loads((tmp_path / "out/eval_steps.json").read_text())
-    assert results["num_steps"] == 4 and results["exit_threshold"] == 0.6 and results["data"] == [str(data)] * 2
+    results = json.loads((tmp_path / "out/eval_loops.json").read_text())
+    assert results["num_loops"] == 4 and results["exit_threshold"] == 0.6 and results["data"] == [str(data)] * 2
     # Labels that cross a document boundary are ignored (document masking, as in training).
     assert 0 < results["num_tokens"] < 2 * 3 * 32
-    assert sum(results["exit_step_counts"]) == results["num_tokens"]
-    assert sum(results["exit_prob_per_step"]) == pytest.approx(1.0)
-    for name in ("ce_per_step", "accuracy_per_step", "exit_prob_per_step"):
+    assert sum(results["exit_loop_counts"]) == results["num_tokens"]
+    assert sum(results["exit_prob_per_loop"]) == pytest.approx(1.0)
+    for name in ("ce_per_loop", "accuracy_per_loop", "exit_prob_per_loop"):
         assert len(results[name]) == 4
-    for name in ("loss_per_step.png", "exit_histogram.png"):
+    for name in ("ce_per_loop.png", "exit_histogram.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary files left behind
-        "eval_steps.json", "exit_histogram.png", "loss_per_step.png"]
+        "ce_per_loop.png", "eval_loops.json", "exit_histogram.png"]
     table = done.stdout.splitlines()
     assert table[0].split()[:3] == ["step", "CE", "accuracy"] and table[4].split()[0] == "4"
     assert "eval" in done.stderr  # the progress bar
