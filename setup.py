@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["looplm_mega", "looplm_mega.*"]),
     include_package_data=True,
-    package_data={"looplm_mega": ["eval/tasks/*/*.yaml", "eval/tasks/*/*.jsonl"]},
+    package_data={"looplm_mega": ["model/presets/*.yaml", "eval/tasks/*/*.yaml", "eval/tasks/*/*.jsonl"]},
     # What the code needs: lower bounds at the first releases with the APIs it calls. The versions
     # tested are pinned in constraints.txt (install with -c constraints.txt; .ci/lock refreshes it).
     install_requires=[
@@ -28,6 +28,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.62",
         "wandb>=0.15",
+        "tensorboard>=2.14",  # the run's event files (torch.utils.tensorboard writes them)
         "zstandard>=0.20",  # .jsonl.zst inputs of tools/preprocess_data.py
     ],
     extras_require={

@@ -42,6 +42,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        choices = [arg for arg in args if arg is not type(None)]
+        if all(typing.get_origin(arg) is Literal for arg in choices):  # one list of allowed values
+            return _convert(value, Literal[tuple(v for arg in choices for v in typing.get_args(arg))], where)
         errors = []
         for arg in args:
             if arg is type(None):

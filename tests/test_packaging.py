@@ -1,12 +1,16 @@
-"""setup.py declares every third-party import of the package, its tools and examples, and
-constraints.txt pins every distribution setup.py names (so a fresh install gets what CI tested)."""
+"""setup.py declares every third-party import of the package, its tools and examples;
+constraints.txt pins every distribution setup.py names (so a fresh install gets what CI tested);
+a plain install carries every file the package reads."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
 import re
+import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +80,39 @@ def test_the_lock_pins_every_declared_distribution():
     wanted = set().union(*(names for extra, names in groups.items() if extra != "gpu"))
     assert not wanted - set(pinned), f"declared in setup.py but not pinned in constraints.txt: {sorted(wanted - set(pinned))}"
     assert "+" not in pinned["torch"], "torch is pinned with a local build label: the lock must admit CPU and CUDA builds"
+
+
+def test_a_plain_install_carries_the_model_presets_and_task_files(tmp_path):
+    """`pip install .` (not editable) in a fresh environment: the package finds its presets and the
+    local evaluation tasks from wherever it is installed."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "looplm_mega", source / "looplm_mega", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # The dependencies come from the environment running the tests, as a plain path: its .pth files
+    # (an editable install of this project among them) are not read.
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    done = subprocess.run([python, "-m", "pip", "install", "--no-deps", str(source)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    shutil.rmtree(source)  # nothing may be read from the source tree any more
+    code = ("import looplm_mega, pathlib\n"
+            "from looplm_mega.model import LoopLMConfig\n"
+            "from looplm_mega.model.config import PRESET_DIR\n"
+            "print(looplm_mega.__file__)\n"
+            "print(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))\n"
+            "print(LoopLMConfig.from_preset('ouro_1_4b').num_hidden_layers)\n"
+            "tasks = pathlib.Path(looplm_mega.__file__).parent / 'eval' / 'tasks' / 'looplm_local'\n"
+            "print(sorted(p.name for p in tasks.glob('*.jsonl')))\n")
+    done = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, presets, layers, tasks = done.stdout.splitlines()[-4:]
+    assert where.startswith(str(venv)), where
+    assert presets == str(["medium", "ouro_1_4b", "ouro_2_6b", "small", "tiny"]) and layers == "24"
+    assert tasks == str(["choice.jsonl", "generation.jsonl", "perplexity.jsonl"])

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
+
+from looplm_mega.model.exit import exit_log_prob
 
 EXIT_KINDS = ("none", "static", "q_exit", "hidden_diff")
 
@@ -75,8 +76,9 @@ class ExitTracker:
         elif kind == "static":
             stop = never | (loop + 1 >= self.rule.loops)
         elif kind == "q_exit":
-            log_continue = F.logsigmoid(-gate_logit.float())
-            self.log_survival = log_continue if self.log_survival is None else self.log_survival + log_continue
+            if self.log_survival is None:
+                self.log_survival = torch.zeros(gate_logit.shape, dtype=torch.float32, device=gate_logit.device)
+            _, self.log_survival = exit_log_prob(gate_logit, self.log_survival, last=False)
             stop = self.log_survival <= self.log_stop
         elif kind == "hidden_diff" and self.previous is not None:
             stop = torch.linalg.vector_norm((state - self.previous).float(), dim=-1) < self.rule.eps

@@ -2,10 +2,10 @@
 
 Each new token runs the shared stack loop by loop; after each loop its exit rule is checked, and
 a token that exits skips the remaining loops (its rows leave the batch for them) and is read out
-from the step it exited at. The prompt runs every loop (prefill), and its last position's read-out
-step is chosen by the same rule.
+from the loop it exited at. The prompt runs every loop (prefill), and its last position's read-out
+loop is chosen by the same rule.
 
-The exit rules are those of inference.exit_rules; a static exit at step k gives the tokens of the
+The exit rules are those of inference.exit_rules; a static exit at loop k gives the tokens of the
 model run with num_loops = k.
 """
 
@@ -50,8 +50,8 @@ class GenerationResult:
 
     @property
     def loops_per_token(self) -> float:
-        steps = [s for row in self.exit_loops for s in row]
-        return sum(steps) / max(1, len(steps))
+        loops = [loop for row in self.exit_loops for loop in row]
+        return sum(loops) / max(1, len(loops))
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,9 +61,9 @@ class GenerationResult:
 @torch.inference_mode()
 def _run_chunk(model: LoopLM, cache: LoopKVCache, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                rows: torch.Tensor, rule: ExitRule, skip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run tokens [R, q] of `rows` through the loops; the logits of each row's last position at its
-    exit step [R, V] and that step (1-based) [R]. skip=False (prefill) runs every loop for every
-    row and only picks the read-out step."""
+    """Run tokens [R, q] of `rows` through the loops (LoopLM.loop_step, one loop at a time); the
+    logits of each row's last position at its exit loop [R, V] and that loop (1-based) [R].
+    skip=False (prefill) runs every loop for every row and only picks the read-out loop."""
     num_loops = cache.num_loops
     cache.open_chunk(valid)
     x = model.model.embed_tokens(input_ids)
@@ -72,19 +72,19 @@ def _run_chunk(model: LoopLM, cache: LoopKVCache, input_ids: torch.Tensor, posit
     logits = torch.empty(len(rows), model.config.vocab_size, dtype=x.dtype, device=x.device)
     exit_loop = torch.zeros(len(rows), dtype=torch.long, device=x.device)
     looping = torch.arange(len(rows), device=x.device)  # indices into `rows` still running
-    for step in range(num_loops):
+    for loop in range(num_loops):
         batch_rows = rows[looping]
-        caches = [cache.slot(step, layer, batch_rows) for layer in range(model.config.num_hidden_layers)]
-        x = model.loop(x, (cos, sin), AttentionMask(allowed=cache.mask(batch_rows)), caches)
+        caches = [cache.slot(loop, layer, batch_rows) for layer in range(model.config.num_hidden_layers)]
+        x, gate_logits = model.loop_step(x, loop, num_loops, (cos, sin), AttentionMask(allowed=cache.mask(batch_rows)), caches)
         last = x[:, -1]
-        stop = tracker.exits(step, model.model.early_exit_gate(last).squeeze(-1), last)
+        stop = tracker.exits(loop, gate_logits[:, -1], last)
         stop &= exit_loop[looping] == 0  # without skipping, a row keeps looping after its exit
         if stop.any():
             leaving = looping[stop]
             logits[leaving] = model.lm_head(last[stop])
-            exit_loop[leaving] = step + 1
+            exit_loop[leaving] = loop + 1
             if skip:
-                cache.exit(rows[leaving], step)
+                cache.exit(rows[leaving], loop)
         if skip and not stop.all():
             going_on = (~stop).nonzero().squeeze(1)
             looping, x, cos, sin = looping[going_on], x[going_on], cos[going_on], sin[going_on]
@@ -92,7 +92,7 @@ def _run_chunk(model: LoopLM, cache: LoopKVCache, input_ids: torch.Tensor, posit
         elif skip:
             break
     if not skip:
-        cache.exit(rows, num_loops - 1)  # every row ran every step
+        cache.exit(rows, num_loops - 1)  # every row ran every loop
     cache.commit()
     return logits, exit_loop
 
@@ -132,14 +132,14 @@ def generate(model: LoopLM, prompts: Sequence[Sequence[int]], config: Generation
 
     rows = torch.arange(batch, device=device)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    logits, steps = _run_chunk(model, cache, ids, positions, valid, rows, config.exit, skip=False)
+    logits, loops = _run_chunk(model, cache, ids, positions, valid, rows, config.exit, skip=False)
     next_position = positions[:, -1] + 1
     for produced in range(1, config.max_new_tokens + 1):
         chosen = sample_next(logits, config.temperature, config.top_k, config.top_p, generator)
         going_on = []
-        for i, (row, token, step) in enumerate(zip(rows.tolist(), chosen.tolist(), steps.tolist())):
+        for i, (row, token, loop) in enumerate(zip(rows.tolist(), chosen.tolist(), loops.tolist())):
             tokens[row].append(token)
-            exit_loops[row].append(step)
+            exit_loops[row].append(loop)
             if on_token is not None:
                 on_token(row, token)
             ended = token == config.eos_token_id or (should_stop is not None and should_stop(row, tokens[row]))
@@ -151,7 +151,7 @@ def generate(model: LoopLM, prompts: Sequence[Sequence[int]], config: Generation
         rows, chosen = rows[keep], chosen[keep]
         new_valid = torch.zeros(batch, 1, dtype=torch.bool, device=device)
         new_valid[rows] = True
-        logits, steps = _run_chunk(model, cache, chosen.unsqueeze(1), next_position[rows].unsqueeze(1), new_valid,
+        logits, loops = _run_chunk(model, cache, chosen.unsqueeze(1), next_position[rows].unsqueeze(1), new_valid,
                                    rows, config.exit, skip=True)
         next_position[rows] += 1
     return GenerationResult(tokens, exit_loops, time.perf_counter() - start, cache.nbytes())

@@ -9,7 +9,8 @@ from typing import Literal, Optional
 
 from looplm_mega.config import ConfigError, from_dict, load_yaml
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# Shipped inside the package (setup.py's package_data), so that any install finds them.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 # Fields of config.json that the released checkpoints carry; the rest of LoopLMConfig is ours
 # (how to run the model here) and is left out of an exported config.json.
@@ -95,7 +96,7 @@ class LoopLMConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LoopLMConfig":
-        """A named preset from configs/model/ (tiny, small, medium, ouro_1_4b, ouro_2_6b)."""
+        """A named preset from model/presets/ (tiny, small, medium, ouro_1_4b, ouro_2_6b)."""
         path = PRESET_DIR / f"{name}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

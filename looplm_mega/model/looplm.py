@@ -3,7 +3,9 @@
     x_0 = embed(input_ids)
     for t in 1..T:  x_t = norm(layers(x_{t-1}))          # the same layers and norm every loop
                     lambda_t = sigmoid(gate(x_t))         # per-token exit gate
-                    logits_t = lm_head(x_t)               # read-out of step t
+                    logits_t = lm_head(x_t)               # read-out of loop t
+`loop_step` is one iteration; the model's forward, the pipeline's virtual stages
+(parallel/pipeline.py) and generation (inference/generate.py) all run their loops through it.
 RoPE cos/sin are the same in every loop. Parameter names are those of the released checkpoints
 (model.embed_tokens, model.layers.{i}..., model.norm, model.early_exit_gate, lm_head), so the
 state dict is the released format as it is, except that the embedding and head rows are padded to
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.model.cross_entropy import linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
 from looplm_mega.model.layers import SINGLE, DecoderLayer, RMSNorm, RotaryEmbedding, mark_tensor_parallel
-from looplm_mega.model.losses import stage1_loss, stage2_loss
+from looplm_mega.model.losses import LoopTerms, Objective, objective_terms
 from looplm_mega.parallel.tensor_parallel import TensorParallel, padded_vocab_size, partition_dim, shard
 
 
@@ -39,10 +41,15 @@ class LoopLMOutput:
     gate_logits: torch.Tensor  # [T, B, S]: z_t, lambda_t = sigmoid(z_t)
     exit_gates: torch.Tensor  # [T, B, S]: lambda_t
     exit_probs: torch.Tensor  # [T, B, S]: p(t|x)
-    loss: Optional[torch.Tensor] = None  # the objective (with labels)
-    ce_per_loop: Optional[torch.Tensor] = None  # [T] mean CE of each loop (with labels)
-    exit_entropy: Optional[torch.Tensor] = None  # mean H(p) over valid tokens (with labels)
-    mean_exit_loop: Optional[torch.Tensor] = None  # mean E[t] over valid tokens (with labels)
+    terms: Optional[LoopTerms] = None  # the objective over all loops and its statistics (with labels)
+
+    @property
+    def loss(self) -> Optional[torch.Tensor]:
+        return None if self.terms is None else self.terms.loss
+
+    @property
+    def ce_per_loop(self) -> Optional[torch.Tensor]:
+        return None if self.terms is None else self.terms.ce_per_loop
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -191,20 +198,55 @@ class LoopLM(nn.Module):
         counts once, as named_parameters yields it once."""
         return sum(math.prod(self._full_shape(name, p)) for name, p in self.named_parameters())
 
-    def loop(self, x: torch.Tensor, rope, mask: AttentionMask, caches: Optional[Sequence] = None) -> torch.Tensor:
-        """One pass through the shared stack, then the shared final norm. `caches` (decoding) holds
-        one KV cache slot per layer for this loop step."""
+    def positions(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+                  position_ids: Optional[torch.Tensor] = None) -> tuple[tuple[torch.Tensor, torch.Tensor], AttentionMask]:
+        """RoPE cos/sin and the attention mask of a batch, the same in every loop. segment_ids [B, S]
+        restricts attention to each document and restarts positions per document."""
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.model.rotary_emb(position_ids), AttentionMask(segment_ids)
+
+    def loop_step(self, x: torch.Tensor, loop: int, num_loops: int, rope, mask: AttentionMask,
+                  caches: Optional[Sequence] = None, detach_gate: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Loop `loop` (0-based) of `num_loops`: this model's layers of the shared stack once, then the
+        final norm and the exit gate where this model holds them (a pipeline's earlier ranks hold
+        layers only). Returns the state passed on (after the norm: the loop's read-out state) and
+        the gate logits [B, S] (whole sequences under SP), or None without a gate.
+
+        Every per-loop option lives here, so the model, the pipeline's virtual stages and generation
+        honour it alike: `truncated_loops` runs the loops before the last k without a graph (their
+        read-out still trains the norm, gate and head); `activation_checkpointing` recomputes a
+        whole loop ("loop") or each layer ("layer") in the backward, non-reentrant (reentrant
+        checkpointing computes the shared weights' gradient twice under ZeRO-2/3). `caches`
+        (decoding) holds one KV cache slot per layer for this loop. `detach_gate`: Stage II trains
+        the gate alone, on states without a gradient path back into the LM."""
+        config = self.config
+        truncated = config.truncated_loops
+        tracked = torch.is_grad_enabled() and (truncated is None or loop >= num_loops - truncated)
+        with torch.set_grad_enabled(tracked):
+            if tracked and config.activation_checkpointing == "loop":
+                x = checkpoint(self._stack, x, rope, mask, use_reentrant=False)
+            else:
+                x = self._stack(x, rope, mask, caches)
+        if not hasattr(self.model, "early_exit_gate"):
+            return x, None
+        gate_logits = self.model.early_exit_gate(x.detach() if detach_gate else x).squeeze(-1)
+        return x, self.tp.gather_sequence(gate_logits, seq_dim=1)
+
+    def _stack(self, x: torch.Tensor, rope, mask: AttentionMask, caches: Optional[Sequence] = None) -> torch.Tensor:
         per_layer = self.config.activation_checkpointing == "layer" and torch.is_grad_enabled()
-        for i, layer in enumerate(self.model.layers):
+        layers = self.model.layers.values() if isinstance(self.model.layers, nn.ModuleDict) else self.model.layers
+        for i, layer in enumerate(layers):
             if caches is not None:
                 x = layer(x, rope, mask, caches[i])
             elif per_layer:
-                # Non-reentrant: reentrant checkpointing computes the shared weights' gradient twice
-                # under ZeRO-2/3.
                 x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
                 x = layer(x, rope, mask)
-        return self.model.norm(x)
+        return self.model.norm(x) if hasattr(self.model, "norm") else x
 
     def forward(
         self,
@@ -213,7 +255,7 @@ class LoopLM(nn.Module):
         num_loops: Optional[int] = None,
         segment_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
-        objective: Literal["stage1", "stage2"] = "stage1",
+        objective: Objective = "stage1",
         beta: Optional[float] = None,
     ) -> LoopLMOutput:
         """input_ids [B, S]. labels [B, S] are aligned with the inputs (labels[:, i] is the token
@@ -222,45 +264,22 @@ class LoopLM(nn.Module):
         restarts positions per document. num_loops overrides the loop count T for this call."""
         config = self.config
         num_loops = num_loops or config.total_ut_steps
-        if position_ids is None:
-            if segment_ids is not None:
-                position_ids = positions_from_segments(segment_ids)
-            else:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        rope = self.model.rotary_emb(position_ids)
-        mask = AttentionMask(segment_ids)
-
-        # Truncated back-propagation through loops: the first T - k loops run without a graph.
-        first_tracked = 0 if config.truncated_loops is None else max(0, num_loops - config.truncated_loops)
-        grad_enabled = torch.is_grad_enabled()
-        per_loop = config.activation_checkpointing == "loop" and grad_enabled
+        rope, mask = self.positions(input_ids, segment_ids, position_ids)
         x = self.model.embed_tokens(input_ids)  # sequence shards under SP
-        hidden_states = []
-        for step in range(num_loops):
-            with torch.set_grad_enabled(grad_enabled and step >= first_tracked):
-                x = checkpoint(self.loop, x, rope, mask, use_reentrant=False) if per_loop else self.loop(x, rope, mask)
-            hidden_states.append(x)
-
-        # Stage II trains the gate alone: it reads the LM's states without a gradient path back.
-        gate_inputs = [h.detach() for h in hidden_states] if objective == "stage2" else hidden_states
-        gate_logits = torch.stack([self.model.early_exit_gate(h).squeeze(-1) for h in gate_inputs]).float()
-        gate_logits = self.tp.gather_sequence(gate_logits, seq_dim=2)  # [T, B, S] on every rank
+        states, gates = [], []
+        for loop in range(num_loops):
+            x, gate_logits = self.loop_step(x, loop, num_loops, rope, mask, detach_gate=objective == "stage2")
+            states.append(x)
+            gates.append(gate_logits)
+        gate_logits = torch.stack(gates).float()  # [T, B, S] on every rank
         log_p = exit_log_probs(gate_logits)
-        output = LoopLMOutput(hidden_states, gate_logits, torch.sigmoid(gate_logits), log_p.exp())
+        output = LoopLMOutput(states, gate_logits, torch.sigmoid(gate_logits), log_p.exp())
         if labels is None:
             return output
-
         # The vocab-parallel head reads whole sequences: replicated states enter the TP region
         # (their gradient is all-reduced), sequence shards are all-gathered.
-        stacked = self.tp.enter(torch.stack(hidden_states), seq_dim=2).flatten(1, 2)  # [T, B*S, H]
-        flat_gates, flat_labels = gate_logits.flatten(1), labels.flatten()
-        if objective == "stage1":
-            beta = config.entropy_beta if beta is None else beta
-            result = stage1_loss(stacked, log_p.flatten(1), flat_labels, self.lm_head, beta)
-        elif objective == "stage2":
-            result = stage2_loss(stacked, flat_gates, flat_labels, self.lm_head)
-        else:
-            raise ValueError(f"objective={objective!r}: expected 'stage1' or 'stage2'")
-        output.loss, output.ce_per_loop = result.loss, result.ce_per_loop
-        output.exit_entropy, output.mean_exit_loop = result.exit_entropy, result.mean_exit_loop
+        hidden = self.tp.enter(torch.stack(states), seq_dim=2).flatten(1, 2)  # [T, B*S, H]
+        beta = config.entropy_beta if beta is None else beta
+        output.terms = objective_terms(objective, hidden, gate_logits.flatten(1), log_p.flatten(1), labels.flatten(),
+                                       self.lm_head, 0, num_loops, beta)
         return output

@@ -1,167 +1,106 @@
-"""The two Ouro training objectives.
+"""The two Ouro training objectives, each defined once, over any run of consecutive loops.
 
 Stage I (LM and gate jointly), per valid token, averaged:
     L = sum_t p(t|x) CE_t - beta * H(p(.|x))
 Stage II (gate only, LM detached): with I_t = max(0, CE_{t-1} - CE_t),
     w_t = sigmoid(k (I_t - gamma)),  L_t = -mean_i[w_t log(1 - lambda_t) + (1 - w_t) log lambda_t],
     L = (1/T) sum_{t=2..T} L_t
+
+Both are sums over loops of a term that needs only that loop's read-out (and, for Stage II, the
+previous loop's per-token CE): `objective_terms` computes the terms of the loops it is given. The model
+gives it all T loops of a micro-batch at once (one fused cross-entropy over every read-out); a
+pipeline gives it one loop at a time, as each loop ends on the last rank. The terms add up to the
+same objective (tested).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from looplm_mega.model.cross_entropy import IGNORE_INDEX
+from looplm_mega.model.exit import entropy_terms, exit_loop_terms
 
 # (hidden [M, H], labels [M], token_weights [M]) -> (sum_i w_i CE_i, per-token CE [M] detached):
 # the read-out head's weighted cross-entropy (LMHead.forward, or cross_entropy.linear_cross_entropy).
 WeightedCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-from looplm_mega.model.exit import exit_entropy, exit_log_probs, expected_exit_loop
+Objective = Literal["stage1", "stage2"]
 
 STAGE2_K = 50.0
 STAGE2_GAMMA = 0.005
 
 
 @dataclass
-class LossOutput:
-    loss: torch.Tensor  # the objective, scalar
-    ce_per_loop: torch.Tensor  # [T] mean CE of each loop step over valid tokens (detached)
-    exit_entropy: torch.Tensor  # mean H(p) over valid tokens (detached)
-    mean_exit_loop: torch.Tensor  # mean E[t] over valid tokens (detached)
+class LoopTerms:
+    """The objective and its statistics over some consecutive loops of one micro-batch. Terms of
+    different loops add up (`+`): the loss, the entropy and the mean exit loop are sums over
+    loops; the per-loop values are concatenated."""
+
+    loss: torch.Tensor  # the objective's share of these loops, scalar (with gradient)
+    ce_per_loop: torch.Tensor  # [L] mean CE of each loop over valid tokens (detached)
+    token_ce: torch.Tensor  # [L, N] per-token CE (detached): Stage II's next loop needs the last row
+    exit_entropy: torch.Tensor  # these loops' share of the mean H(p) over valid tokens (detached)
+    mean_exit_loop: torch.Tensor  # these loops' share of the mean E[t] over valid tokens (detached)
+    gate_mean_per_loop: torch.Tensor  # [L] mean lambda_t over all tokens (detached)
+
+    def __add__(self, later: "LoopTerms") -> "LoopTerms":
+        return LoopTerms(self.loss + later.loss, torch.cat((self.ce_per_loop, later.ce_per_loop)),
+                         torch.cat((self.token_ce, later.token_ce)), self.exit_entropy + later.exit_entropy,
+                         self.mean_exit_loop + later.mean_exit_loop,
+                         torch.cat((self.gate_mean_per_loop, later.gate_mean_per_loop)))
 
 
-def _mean_over_valid(per_token: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid tokens of the last dimension."""
-    return (per_token * valid).sum(dim=-1) / count
-
-
-def stage1_loss(
+def objective_terms(
+    name: Objective,
     hidden: torch.Tensor,
+    gate_logits: torch.Tensor,
     log_p: torch.Tensor,
     labels: torch.Tensor,
     cross_entropy: WeightedCrossEntropy,
-    beta: float,
-) -> LossOutput:
-    """hidden [T, N, H] (normed read-out of each step), log_p [T, N] (exit.exit_log_probs of the
-    gate logits), labels [N]."""
-    num_loops, num_tokens, _ = hidden.shape
+    first_loop: int,
+    num_loops: int,
+    beta: float = 0.0,
+    previous_ce: Optional[torch.Tensor] = None,
+) -> LoopTerms:
+    """The terms of loops first_loop + 1 .. first_loop + L (of num_loops) of objective `name`.
+    hidden [L, N, H]: the normed read-out states; gate_logits [L, N]; log_p [L, N]: log p(t|x) of
+    these loops (exit.exit_log_prob); labels [N]. previous_ce [N]: the per-token CE of the loop
+    before first_loop (Stage II's improvement needs it; None at the first loop). For Stage II the
+    caller gives the gate a detached state: only the gate trains."""
+    loops, tokens, _ = hidden.shape
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
+    per_valid = valid / count  # each valid token's weight in a mean over valid tokens
     p = log_p.exp()
-    token_weights = (p * valid / count).reshape(-1)
-    weighted_ce, ce = cross_entropy(hidden.reshape(num_loops * num_tokens, -1), labels.repeat(num_loops), token_weights)
-    entropy = _mean_over_valid(exit_entropy(log_p), valid, count)
-    return LossOutput(
-        loss=weighted_ce - beta * entropy,
-        ce_per_loop=_mean_over_valid(ce.view(num_loops, num_tokens), valid, count),
-        exit_entropy=entropy.detach(),
-        mean_exit_loop=_mean_over_valid(expected_exit_loop(log_p.detach()), valid, count),
-    )
-
-
-def stage2_gate_loss(
-    ce: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor,
-    k: float = STAGE2_K, gamma: float = STAGE2_GAMMA,
-) -> torch.Tensor:
-    """ce [T, N] per-token CE of each step (detached from the LM), gate_logits [T, N], labels [N]."""
-    num_loops = ce.shape[0]
-    valid = labels != IGNORE_INDEX
-    count = valid.sum().clamp(min=1)
-    ce = ce.detach().float()
-    improvement = (ce[:-1] - ce[1:]).clamp(min=0)  # I_t for t = 2..T
-    target_continue = torch.sigmoid(k * (improvement - gamma))
-    z = gate_logits[1:].float()
-    per_token = -(target_continue * F.logsigmoid(-z) + (1 - target_continue) * F.logsigmoid(z))
-    return _mean_over_valid(per_token, valid, count).sum() / num_loops  # (1/T) sum_t L_t
-
-
-def stage2_loss(
-    hidden: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor, cross_entropy: WeightedCrossEntropy,
-) -> LossOutput:
-    """Stage II from the read-out: the per-step CE is computed without any gradient."""
-    num_loops, num_tokens, _ = hidden.shape
-    valid = labels != IGNORE_INDEX
-    count = valid.sum().clamp(min=1)
-    with torch.no_grad():
-        no_weights = torch.zeros(num_loops * num_tokens, device=hidden.device)
-        _, ce = cross_entropy(hidden.reshape(num_loops * num_tokens, -1), labels.repeat(num_loops), no_weights)
-    ce = ce.view(num_loops, num_tokens)
-    log_p = exit_log_probs(gate_logits.detach())
-    return LossOutput(
-        loss=stage2_gate_loss(ce, gate_logits, labels),
-        ce_per_loop=_mean_over_valid(ce, valid, count),
-        exit_entropy=_mean_over_valid(exit_entropy(log_p), valid, count),
-        mean_exit_loop=_mean_over_valid(expected_exit_loop(log_p), valid, count),
-    )
-
-
-@dataclass
-class LoopReadout:
-    """The Stage I objective one loop at a time, for a pipeline whose read-out of loop t happens
-    before loop t + 1 exists. Exact, because p(t|x) depends on the gates of loops 1..t only (the
-    last loop takes the remaining mass): the carried survival log S_{t-1} is all that is needed.
-    Summed over t, `loss` equals stage1_loss's (tested)."""
-
-    loss: torch.Tensor  # this loop's share of the objective
-    log_survival: torch.Tensor  # [N] log S_t, to carry into the next loop
-    token_ce: torch.Tensor  # [N] this loop's per-token CE (detached), to carry (Stage II needs it)
-    ce: torch.Tensor  # mean CE of this loop over valid tokens (detached)
-    entropy: torch.Tensor  # this loop's share of mean H(p) (detached)
-    exit_loop: torch.Tensor  # this loop's share of mean E[t] (detached)
-
-
-def stage1_loop_readout(
-    hidden: torch.Tensor, gate_logits: torch.Tensor, log_survival: torch.Tensor, labels: torch.Tensor,
-    cross_entropy: WeightedCrossEntropy, beta: float, step: int, num_loops: int,
-) -> LoopReadout:
-    """hidden [N, H] (normed read-out of loop `step`, counted from 0), gate_logits [N], log_survival
-    [N] (log S_{step-1}; zeros before the first loop), labels [N]."""
-    valid = labels != IGNORE_INDEX
-    count = valid.sum().clamp(min=1)
-    z = gate_logits.float()
-    last = step == num_loops - 1
-    log_p = log_survival if last else F.logsigmoid(z) + log_survival
-    p = log_p.exp()
-    weighted_ce, ce = cross_entropy(hidden, labels, p * valid / count)
-    entropy = -(p * log_p * valid).sum() / count
-    return LoopReadout(
-        loss=weighted_ce - beta * entropy,
-        log_survival=log_survival + F.logsigmoid(-z),
-        token_ce=ce,
-        ce=(ce * valid).sum() / count,
-        entropy=entropy.detach(),
-        exit_loop=((step + 1) * p.detach() * valid).sum() / count,
-    )
-
-
-def stage2_loop_readout(
-    hidden: torch.Tensor, gate_logits: torch.Tensor, log_survival: torch.Tensor, previous_ce: torch.Tensor,
-    labels: torch.Tensor, cross_entropy: WeightedCrossEntropy, step: int, num_loops: int,
-) -> LoopReadout:
-    """Stage II one loop at a time: this loop's term of stage2_gate_loss (from loop 2 on, it needs the
-    previous loop's per-token CE, carried as previous_ce). The CE runs without gradient; the caller
-    gives the gate a detached hidden state."""
-    valid = labels != IGNORE_INDEX
-    count = valid.sum().clamp(min=1)
-    with torch.no_grad():
-        _, ce = cross_entropy(hidden.detach(), labels, torch.zeros(labels.shape, device=hidden.device))
-    z = gate_logits.float()
-    log_z = log_survival.detach() if step == num_loops - 1 else F.logsigmoid(z.detach()) + log_survival.detach()
-    p = log_z.exp()
-    loss = z.new_zeros(())
-    if step > 0:
-        target_continue = torch.sigmoid(STAGE2_K * ((previous_ce - ce).clamp(min=0) - STAGE2_GAMMA))
+    flat_hidden, flat_labels = hidden.reshape(loops * tokens, -1), labels.repeat(loops)
+    if name == "stage1":
+        weighted_ce, ce = cross_entropy(flat_hidden, flat_labels, (p * per_valid).reshape(-1))
+        entropy = (entropy_terms(log_p) * per_valid).sum()
+        loss = weighted_ce - beta * entropy
+        ce = ce.view(loops, tokens)
+    elif name == "stage2":
+        with torch.no_grad():
+            _, ce = cross_entropy(flat_hidden.detach(), flat_labels, torch.zeros(loops * tokens, device=hidden.device))
+        ce = ce.view(loops, tokens).float()
+        # I_t for the loops that have a previous one; the first loop of the model has none.
+        before = ce[:-1] if previous_ce is None else torch.cat((previous_ce.view(1, -1).float(), ce[:-1]))
+        z = gate_logits[1:] if previous_ce is None else gate_logits
+        target_continue = torch.sigmoid(STAGE2_K * ((before - ce[loops - len(z):]).clamp(min=0) - STAGE2_GAMMA))
+        z = z.float()
         per_token = -(target_continue * F.logsigmoid(-z) + (1 - target_continue) * F.logsigmoid(z))
-        loss = (per_token * valid).sum() / count / num_loops
-    return LoopReadout(
+        loss = (per_token * per_valid).sum() / num_loops
+        entropy = (entropy_terms(log_p.detach()) * per_valid).sum()
+    else:
+        raise ValueError(f"objective={name!r}: expected 'stage1' or 'stage2'")
+    log_p = log_p.detach()
+    return LoopTerms(
         loss=loss,
-        log_survival=(log_survival + F.logsigmoid(-z)).detach(),
-        token_ce=ce,
-        ce=(ce * valid).sum() / count,
-        entropy=-(p * log_z * valid).sum() / count,
-        exit_loop=((step + 1) * p * valid).sum() / count,
+        ce_per_loop=(ce * per_valid).sum(dim=1).detach(),
+        token_ce=ce.detach(),
+        exit_entropy=entropy.detach(),
+        mean_exit_loop=(exit_loop_terms(log_p, first_loop) * per_valid).sum(),
+        gate_mean_per_loop=torch.sigmoid(gate_logits.detach().float()).mean(dim=1),
     )

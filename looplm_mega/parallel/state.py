@@ -106,11 +106,6 @@ class ParallelState:
     get_pipeline_model_parallel_group = get_pipe_parallel_group
 
 
-def single_process_state() -> ParallelState:
-    """TP = PP = DP = 1 without any process group (unit tests, inference, tools)."""
-    return ParallelState(1, 1, 1, 0, None, None, None, None)
-
-
 def initialize_parallel(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
     """Create the groups on the default process group (every rank must call this, in the same order)."""
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +27,14 @@ LATEST = "latest"
 class TrainerState:
     step: int = 0  # optimizer steps done
     consumed_samples: int = 0
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient
-    skipped_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     segment: int = 0  # the curriculum's data segment being read (training/curriculum.py)
     segment_start_samples: int = 0  # consumed_samples when that segment started
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainerState":
+        """The state as saved; counters that older versions kept and this one does not are left out."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 def tag_of(step: int) -> str:
@@ -72,7 +76,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, state: TrainerState, config: d
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a fresh directory: no stale shards from an earlier attempt
     _barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    engine.save(checkpoint_dir, tag)
     torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
     if rank == 0:
         _write_json(path / "trainer_state.json", {"state": asdict(state), "config": config, "model": model})
@@ -93,16 +97,14 @@ def load_checkpoint(engine, checkpoint_dir: Path) -> Optional[TrainerState]:
     if tag is None:
         return None
     path = checkpoint_dir / tag
-    loaded, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
-    if loaded is None:
-        raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
+    engine.load(checkpoint_dir, tag)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / f"rng_rank{rank:05d}.pt"
     if not rng_file.exists():
         raise RuntimeError(f"{rng_file}: missing; was the checkpoint written with a different number of ranks?")
     set_rng_state(torch.load(rng_file, weights_only=False))
     saved = json.loads((path / "trainer_state.json").read_text())
-    return TrainerState(**saved["state"])
+    return TrainerState.from_dict(saved["state"])
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 from looplm_mega.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
 from looplm_mega.data.config import DataConfig
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.model.losses import Objective
 from looplm_mega.parallel.pipeline import check_pipeline
 from looplm_mega.parallel.tensor_parallel import check_tensor_parallel
 
@@ -35,11 +36,11 @@ class TrainingConfig:
     train_steps: Optional[int] = None
     train_tokens: Optional[int] = None
     precision: Literal["fp32", "bf16"] = "fp32"
-    objective: Literal["stage1", "stage2"] = "stage1"
+    objective: Objective = "stage1"  # stage1: LM and gate (Ouro's Stage I); stage2: the gate alone
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 0  # 0: only at the end
-    eval_iters: int = 10
+    eval_iters: int = 10  # validation iterations of one global batch each (Megatron's --eval-iters)
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     # Stop after this many micro-batches with a non-finite loss, or steps with a non-finite
@@ -187,7 +188,7 @@ class StageConfig:
     # stage1: LM and gate (Ouro's Stage I); stage2: the gate alone with the adaptive loss, every
     # other parameter frozen. None: the objective in force (training.objective for the first stage).
     # ("stage2_gate" is another name for stage2.)
-    objective: Optional[Literal["stage1", "stage2", "stage2_gate"]] = None
+    objective: Optional[Union[Objective, Literal["stage2_gate"]]] = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters frozen in this stage
     # A new sequence length rebuilds the data indices; the batch stays global_batch_tokens tokens.
     seq_length: Optional[int] = None
@@ -251,6 +252,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard, beside metrics.jsonl
     # Ordered stages that change loops, entropy weight, RoPE base, LR schedule, sequence length,
     # batch, data blend, objective or layer count on the live run (training/curriculum.py); the
     # stages' lengths are then the run's length.

@@ -33,6 +33,7 @@ from typing import Optional
 
 from looplm_mega.config import ConfigError
 from looplm_mega.data.config import DataConfig
+from looplm_mega.model.losses import Objective
 from looplm_mega.training.config import BatchRamp, OptimizerConfig, ScheduleConfig, StageConfig, UpcycleAction
 
 
@@ -50,7 +51,7 @@ class StageState:
     lr: float
     min_lr: float
     schedule: ScheduleConfig
-    objective: str
+    objective: Objective
     freeze: tuple[str, ...]  # patterns of the parameters this stage keeps fixed
     seq_length: int
     micro_batch_size: int

@@ -65,11 +65,3 @@ def _leave_process_groups() -> None:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def all_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank iff `flag` is True on every rank."""
-    value = torch.tensor([0.0 if flag else 1.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(value)
-    return value.item() == 0.0

@@ -7,7 +7,7 @@ parallel.pipeline (torch's interleaved 1F1B over the looped virtual stages) with
 - ZeRO-1-style sharding of the AdamW states over the data-parallel group
   (torch.distributed.optim.ZeroRedundancyOptimizer) when deepspeed.zero_stage is 1;
 - the global gradient norm over the whole model (TP and PP ranks), clipping, and skipping of steps
-  with a non-finite loss or gradient, as the DeepSpeed path does;
+  with a non-finite loss or gradient (training/engine.py's rule for every engine);
 - checkpoints of this rank's part: the model states once per (PP, TP) rank, optimizer states per
   data-parallel rank, under names consolidation understands.
 """
@@ -23,9 +23,14 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from looplm_mega.model import LoopLM
+from looplm_mega.model.losses import Objective
 from looplm_mega.parallel.pipeline import LoopedPipeline
 from looplm_mega.parallel.state import ParallelState
 from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
+from looplm_mega.training.config import RunConfig
+from looplm_mega.training.distributed import is_main
+from looplm_mega.training.engine import Engine, Layout
+from looplm_mega.training.metrics import StepMetrics
 
 
 def model_states_file(pp_rank: int, tp_rank: int) -> str:
@@ -36,62 +41,65 @@ def optim_states_file(pp_rank: int, tp_rank: int, dp_rank: int) -> str:
     return f"pp_rank_{pp_rank:02d}_mp_rank_{tp_rank:02d}_dp_rank_{dp_rank:03d}_optim_states.pt"
 
 
-class PipelineEngine:
-    def __init__(self, model: LoopLM, parallel: ParallelState, param_groups: list[dict], optimizer: dict,
-                 zero_stage: int, grad_clip: float, device: torch.device, precision: str = "fp32"):
+class PipelineEngine(Engine):
+    def __init__(self, model: LoopLM, param_groups: list[dict], config: RunConfig, parallel: ParallelState,
+                 device: torch.device, micro_batch_size: int = 1, micro_batches: int = 1):
         self.module, self.parallel, self.device = model, parallel, device
         # bf16: autocast over fp32 weights (the residual stream between stages stays fp32).
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.autocast_dtype = torch.bfloat16 if config.training.precision == "bf16" else None
         self.tp = TensorParallel.from_state(parallel)
-        self.grad_clip = grad_clip
+        self.grad_clip = config.optimizer.grad_clip
         self.pipeline: Optional[LoopedPipeline] = None  # built by configure()
         self._pipeline_key = None
-        adam = {"lr": optimizer["lr"], "betas": tuple(optimizer["betas"]), "eps": optimizer["eps"]}
-        if zero_stage == 1 and parallel.dp > 1:
+        opt = config.optimizer
+        adam = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps}
+        if config.deepspeed.resolved_zero_stage() == 1 and parallel.dp > 1:
             self.optimizer = ZeroRedundancyOptimizer(param_groups, torch.optim.AdamW, process_group=parallel.dp_group, **adam)
             self._local_optimizer = self.optimizer.optim  # this rank's shard of the AdamW states
         else:
             self.optimizer = torch.optim.AdamW(param_groups, **adam)
             self._local_optimizer = self.optimizer
         self.sharded_optimizer = self._local_optimizer is not self.optimizer
-        self.skipped_steps = 0
+        self._skipped_steps = 0
 
-    def configure(self, micro_batches: int, micro_batch_shape: tuple[int, int], objective: str) -> bool:
-        """(Re)build the schedule for this many micro-batches of this shape, the model's current loop
-        count and entropy weight, and the objective: a curriculum stage may change any of them.
-        True when it was rebuilt."""
+    def configure(self, micro_batch_size: int, micro_batches: int, seq_length: int, objective: Objective) -> None:
+        """(Re)build the schedule when the micro-batches' number or shape, the model's loop count or
+        entropy weight, or the objective change (a curriculum stage may change any of them)."""
         config = self.module.config
-        key = (micro_batches, tuple(micro_batch_shape), objective, config.total_ut_steps, config.entropy_beta)
+        key = (micro_batches, micro_batch_size, seq_length, objective, config.total_ut_steps, config.entropy_beta)
         if key == self._pipeline_key:
-            return False
+            return
         self.pipeline = LoopedPipeline(self.module, self.parallel.pp_rank, self.parallel.pp, self.parallel.pp_group,
-                                       micro_batches, micro_batch_shape, self.device, objective)
+                                       micro_batches, (micro_batch_size, seq_length), self.device, objective)
         self._pipeline_key = key
-        return True
+        if is_main():
+            print(f"pipeline: interleaved 1F1B over {config.total_ut_steps * self.parallel.pp} virtual stages, "
+                  f"{micro_batches} micro-batches, analytic bubble {self.pipeline.bubble_fraction:.1%}", flush=True)
 
-    def zero_optimization_stage(self) -> int:
-        return 1 if self.sharded_optimizer else 0
+    def layout(self) -> Layout:
+        p = self.parallel
+        return Layout(p.dp, p.tp, p.pp, 1 if self.sharded_optimizer else 0, self.tp.sequence_parallel)
 
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped_steps
 
     # --- one optimizer step -----------------------------------------------------------------------
-    def train_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> dict:
-        """Forward, backward and optimizer step over one global batch's share of this DP rank
-        (micro-batches stacked along dim 0). Returns the step's metrics on every rank, with
-        `skipped` True when the loss or the gradient norm was not finite (no update then)."""
+    def train_batch(self, micro_batches: list[dict]) -> StepMetrics:
+        """Forward, backward and optimizer step over one global batch's share of this DP rank. The
+        schedule interleaves the micro-batches' forwards and backwards, so a non-finite loss or
+        gradient norm skips the whole step."""
         with self._autocast():
-            metrics = self._from_last_stage(self.pipeline.train_step(input_ids, labels, segment_ids))
+            readouts = self.pipeline.train_step(*self._stacked(micro_batches))
+        metrics = self._from_last_rank(readouts, len(micro_batches))
         self._average_gradients_over_data_parallel()
         params = [p for p in self.module.parameters() if p.requires_grad]
         norm = global_grad_norm(params, self.tp, self.parallel.pp_group if self.parallel.pp > 1 else None)
-        metrics["grad_norm"] = norm
-        metrics["skipped"] = not (math.isfinite(norm) and math.isfinite(metrics["loss"]))
-        if metrics["skipped"]:
-            self.skipped_steps += 1
+        metrics.grad_norm = norm
+        metrics.skipped = not (math.isfinite(norm) and math.isfinite(metrics.loss))
+        metrics.tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        if metrics.skipped:
+            self._skipped_steps += 1
         else:
             if self.grad_clip > 0 and norm > self.grad_clip:
                 for p in params:
@@ -102,27 +110,38 @@ class PipelineEngine:
         return metrics
 
     @torch.no_grad()
-    def eval_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        """Mean CE of every loop over the micro-batches given (on every rank)."""
-        with self._autocast():
-            return self._from_last_stage(self.pipeline.eval_step(input_ids, labels, segment_ids))["ce_per_loop"]
+    def eval_batch(self, micro_batches: list[dict]) -> torch.Tensor:
+        self.module.eval()
+        try:
+            with self._autocast():
+                readouts = self.pipeline.eval_step(*self._stacked(micro_batches))
+            return torch.tensor(self._from_last_rank(readouts, 1).ce_per_loop)  # sums over the micro-batches
+        finally:
+            self.module.train()
+
+    def _stacked(self, micro_batches: list[dict]) -> tuple:
+        """The micro-batches stacked along the batch dimension (the schedule splits them again)."""
+        def cat(key):
+            return torch.cat([b[key] for b in micro_batches]).to(self.device) if key in micro_batches[0] else None
+        return cat("input_ids"), cat("labels"), cat("segment_ids")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def _from_last_stage(self, metrics: dict) -> dict:
-        """The last pipeline rank's metrics, on every rank of the pipeline."""
-        steps = self.module.config.total_ut_steps
-        values = torch.zeros(3 + 2 * steps, dtype=torch.float64)
-        if metrics:
-            values[:3] = torch.tensor([metrics["loss"], metrics["exit_entropy"], metrics["mean_exit_loop"]])
-            values[3:3 + steps] = metrics["ce_per_loop"].double()
-            values[3 + steps:] = metrics["gate_mean_per_loop"].double()
+    def _from_last_rank(self, readouts: list, micro_batches: int) -> StepMetrics:
+        """The step's metrics from the last pipeline rank's read-outs, on every rank of the pipeline."""
+        loops = self.module.config.total_ut_steps
+        values = torch.zeros(3 + 2 * loops, dtype=torch.float64)
+        if readouts:
+            m = StepMetrics.from_readouts(readouts, loops, micro_batches)
+            values[:] = torch.tensor([m.loss, m.exit_entropy, m.mean_exit_loop, *m.ce_per_loop, *m.gate_mean_per_loop])
         if self.parallel.pp > 1:
             last = dist.get_global_rank(self.parallel.pp_group, self.parallel.pp - 1)
             dist.broadcast(values, src=last, group=self.parallel.pp_group)
-        return {"loss": values[0].item(), "exit_entropy": values[1].item(), "mean_exit_loop": values[2].item(),
-                "ce_per_loop": values[3:3 + steps].float(), "gate_mean_per_loop": values[3 + steps:].float()}
+        values = values.tolist()
+        return StepMetrics(loss=values[0], exit_entropy=values[1], mean_exit_loop=values[2],
+                           ce_per_loop=values[3:3 + loops], gate_mean_per_loop=values[3 + loops:], grad_norm=math.nan,
+                           micro_batches=micro_batches, pipeline_bubble=self.pipeline.bubble_fraction)
 
     def _average_gradients_over_data_parallel(self) -> None:
         if self.parallel.dp == 1:
@@ -139,17 +158,16 @@ class PipelineEngine:
                 offset += g.numel()
 
     # --- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
-        """DeepSpeed's signature (checkpoint.py calls both engines alike); `latest` is ours to write."""
-        p, path = self.parallel, Path(save_dir) / tag
+    def save(self, checkpoint_dir: Path, tag: str) -> None:
+        p, path = self.parallel, Path(checkpoint_dir) / tag
         path.mkdir(parents=True, exist_ok=True)
         if p.dp_rank == 0:
             torch.save({"module": self.module.state_dict()}, path / model_states_file(p.pp_rank, p.tp_rank))
         if p.dp_rank == 0 or self.sharded_optimizer:
             torch.save(self._local_optimizer.state_dict(), path / optim_states_file(p.pp_rank, p.tp_rank, p.dp_rank))
 
-    def load_checkpoint(self, load_dir: str, tag: str):
-        p, path = self.parallel, Path(load_dir) / tag
+    def load(self, checkpoint_dir: Path, tag: str) -> None:
+        p, path = self.parallel, Path(checkpoint_dir) / tag
         model_file = path / model_states_file(p.pp_rank, p.tp_rank)
         optim_file = path / optim_states_file(p.pp_rank, p.tp_rank, p.dp_rank if self.sharded_optimizer else 0)
         for f in (model_file, optim_file):
@@ -159,4 +177,3 @@ class PipelineEngine:
                                    "consolidated model with training.init_from instead")
         self.module.load_state_dict(torch.load(model_file, map_location=self.device, weights_only=False)["module"])
         self._local_optimizer.load_state_dict(torch.load(optim_file, map_location=self.device, weights_only=False))
-        return str(path), None

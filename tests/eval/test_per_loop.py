@@ -35,7 +35,7 @@ def test_per_loop_ce_and_exit_statistics_equal_the_models_own(model):
     metrics = evaluate_per_loop(model, [batch], chunk_tokens=5)  # chunks that do not divide the tokens
     assert metrics.num_tokens == int((batch["labels"] != IGNORE_INDEX).sum())
     torch.testing.assert_close(torch.tensor(metrics.ce_per_loop), out.ce_per_loop.float(), rtol=1e-5, atol=1e-5)
-    assert metrics.mean_expected_exit_loop == pytest.approx(out.mean_exit_loop.item(), rel=1e-5)
+    assert metrics.mean_expected_exit_loop == pytest.approx(out.terms.mean_exit_loop.item(), rel=1e-5)
     valid = batch["labels"] != IGNORE_INDEX
     torch.testing.assert_close(torch.tensor(metrics.exit_prob_per_loop, dtype=torch.float32),
                                out.exit_probs[:, valid].mean(dim=1))

@@ -3,8 +3,8 @@ import math
 import torch
 
 from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from looplm_mega.model.exit import exit_log_probs
-from looplm_mega.model.losses import stage1_loop_readout, stage1_loss, stage2_gate_loss, stage2_loop_readout
+from looplm_mega.model.exit import exit_log_prob, exit_log_probs
+from looplm_mega.model.losses import objective_terms
 
 from tests.helpers import build_model
 
@@ -53,7 +53,8 @@ def test_stage1_equals_hand_computation():
         total += sum(p * ce[t, i] for t, p in enumerate(probs)) - 0.1 * entropy
         count += 1
     for fused in (True, False):
-        out = stage1_loss(h.float(), exit_log_probs(z.float()), y, _head(w.float(), fused, 4), beta=0.1)
+        out = objective_terms("stage1", h.float(), z.float(), exit_log_probs(z.float()), y, _head(w.float(), fused, 4), 0, 3,
+                              beta=0.1)
         torch.testing.assert_close(out.loss, (total / count).float(), rtol=1e-5, atol=1e-6)
         valid = y != IGNORE_INDEX
         torch.testing.assert_close(out.ce_per_loop, (ce[:, valid].mean(1)).float(), rtol=1e-5, atol=1e-6)
@@ -64,7 +65,7 @@ def test_stage1_gradients_fused_equal_naive():
     results = []
     for fused in (True, False):
         hh, ww, zz = (t.float().clone().requires_grad_() for t in (h, w, z))
-        stage1_loss(hh, exit_log_probs(zz), y, _head(ww, fused, 5), beta=0.05).loss.backward()
+        objective_terms("stage1", hh, zz, exit_log_probs(zz), y, _head(ww, fused, 5), 0, 4, beta=0.05).loss.backward()
         results.append((hh.grad, ww.grad, zz.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -84,7 +85,9 @@ def test_stage2_equals_hand_computation():
             lam = 1 / (1 + math.exp(-float(z[t, i])))
             terms.append(-(w * math.log(1 - lam) + (1 - w) * math.log(lam)))
         total += sum(terms) / len(terms)
-    loss = stage2_gate_loss(ce.float(), z.float(), y)
+    given_ce = lambda hidden, labels, weights: (torch.zeros(()), ce.float().flatten())  # noqa: E731
+    h = torch.zeros(4, 6, 2)
+    loss = objective_terms("stage2", h, z.float(), exit_log_probs(z.float()), y, given_ce, 0, 4).loss
     torch.testing.assert_close(loss, torch.tensor(total / 4, dtype=torch.float32), rtol=1e-5, atol=1e-6)
 
 
@@ -98,28 +101,24 @@ def test_stage2_trains_only_the_gate():
     assert out.ce_per_loop.shape == (3,)
 
 
-def test_loop_by_loop_readouts_sum_to_the_whole_objectives():
-    """The pipeline forms the objectives one loop at a time; summed, they are the whole ones, and
-    so are their gradients."""
+def test_loop_by_loop_terms_add_up_to_the_whole_objectives():
+    """A pipeline forms the objectives one loop at a time, carrying the log-survival and the previous
+    loop's CE; the terms add up to the whole objectives, and so do their gradients and statistics."""
     h, w, z, y = _problem(steps=4)
     head = _head(w, fused=True, chunk_tokens=4)
-    for objective in ("stage1", "stage2"):
+    for name in ("stage1", "stage2"):
         z_whole, z_loops = z.clone().requires_grad_(), z.clone().requires_grad_()
-        if objective == "stage1":
-            whole = stage1_loss(h, exit_log_probs(z_whole), y, head, beta=0.1).loss
-        else:
-            ce = _hand_ce(h, w, y)
-            whole = stage2_gate_loss(ce, z_whole, y)
-        total = torch.zeros((), dtype=torch.float64)
-        log_survival, previous_ce = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+        whole = objective_terms(name, h, z_whole, exit_log_probs(z_whole), y, head, 0, 4, beta=0.1)
+        log_survival, previous_ce, total = torch.zeros(6), None, None
         for t in range(4):
-            if objective == "stage1":
-                readout = stage1_loop_readout(h[t], z_loops[t], log_survival, y, head, 0.1, t, 4)
-            else:
-                readout = stage2_loop_readout(h[t], z_loops[t], log_survival, previous_ce, y, head, t, 4)
-            total = total + readout.loss
-            log_survival, previous_ce = readout.log_survival, readout.token_ce
-        torch.testing.assert_close(total.double(), whole.double(), rtol=1e-6, atol=1e-6)  # the exit distribution is formed in fp32
-        whole.backward()
-        total.backward()
-        torch.testing.assert_close(z_loops.grad, z_whole.grad, rtol=1e-6, atol=1e-6)  # the exit distribution is formed in fp32
+            log_p, log_survival = exit_log_prob(z_loops[t], log_survival, last=t == 3)
+            terms = objective_terms(name, h[t:t + 1], z_loops[t:t + 1], log_p[None], y, head, t, 4, 0.1, previous_ce)
+            previous_ce = terms.token_ce[0]
+            total = terms if total is None else total + terms
+        # The exit distribution is formed in fp32.
+        torch.testing.assert_close(total.loss.double(), whole.loss.double(), rtol=1e-6, atol=1e-6)
+        for field in ("ce_per_loop", "token_ce", "exit_entropy", "mean_exit_loop", "gate_mean_per_loop"):
+            torch.testing.assert_close(getattr(total, field).double(), getattr(whole, field).double(), rtol=1e-6, atol=1e-6)
+        whole.loss.backward()
+        total.loss.backward()
+        torch.testing.assert_close(z_loops.grad, z_whole.grad, rtol=1e-6, atol=1e-6)

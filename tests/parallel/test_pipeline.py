@@ -17,13 +17,13 @@ from tests.helpers import tiny_config
 MICRO_BATCHES, ROWS = 4, 2
 
 
-def _pipeline_side_by_side(loops: int, objective: str = "stage1") -> None:
+def _pipeline_side_by_side(loops: int, objective: str = "stage1", model: dict | None = None) -> None:
     dist.init_process_group("gloo")
     # Stage II's target is a steep sigmoid (k = 50) of CE differences: rounding of 1e-7 in the CE
     # after an optimizer step becomes 1e-5 in the gate's gradient.
     tolerance = 1e-4 if objective == "stage2" else 1e-5
     state = initialize_parallel(pp=2)
-    config = tiny_config(total_ut_steps=loops, num_hidden_layers=4, vocab_size=97, cross_entropy_chunk_tokens=5)
+    config = tiny_config(total_ut_steps=loops, num_hidden_layers=4, vocab_size=97, cross_entropy_chunk_tokens=5, **(model or {}))
     torch.manual_seed(0)
     reference = LoopLM(config)
     torch.manual_seed(0)
@@ -49,12 +49,17 @@ def _pipeline_side_by_side(loops: int, objective: str = "stage1") -> None:
             (out.loss / MICRO_BATCHES).backward()
             expected_loss += out.loss.item() / MICRO_BATCHES
             expected_ce += out.ce_per_loop / MICRO_BATCHES
-        result = pipeline.train_step(ids, labels, segments)
+        readouts = pipeline.train_step(ids, labels, segments)
         if pipeline.is_last:
-            assert abs(result["loss"] - expected_loss) < tolerance * abs(expected_loss), (step, result["loss"], expected_loss)
-            torch.testing.assert_close(result["ce_per_loop"], expected_ce, rtol=1e-5, atol=1e-6)
+            assert sorted(loop for loop, _ in readouts) == sorted(list(range(loops)) * MICRO_BATCHES)
+            loss = sum(terms.loss.item() for _, terms in readouts) / MICRO_BATCHES
+            ce = torch.zeros(loops)
+            for loop, terms in readouts:
+                ce[loop] += terms.ce_per_loop[0] / MICRO_BATCHES
+            assert abs(loss - expected_loss) < tolerance * abs(expected_loss), (step, loss, expected_loss)
+            torch.testing.assert_close(ce, expected_ce, rtol=1e-5, atol=1e-6)
         else:
-            assert result == {}
+            assert readouts == []
         ref_params = dict(reference.named_parameters())
         for name, param in part.named_parameters():
             # With one loop the gate decides nothing: no gradient here, zeros in the reference.
@@ -73,6 +78,14 @@ def test_pp2_matches_the_single_process_model(loops):
 
 def test_pp2_stage2_gate_objective_matches_the_single_process_model():
     run_distributed(_pipeline_side_by_side, 2, 3, "stage2", timeout=300)
+
+
+@pytest.mark.parametrize("option", [{"truncated_loops": 1}, {"activation_checkpointing": "loop"}],
+                         ids=["truncated_loops", "loop_checkpointing"])
+def test_pp2_honours_the_per_loop_options_like_the_single_process_model(option):
+    """Both run through LoopLM.loop_step: the pipeline's virtual stages truncate back-propagation
+    and recompute loops exactly as the model does."""
+    run_distributed(_pipeline_side_by_side, 2, 3, "stage1", option, timeout=300)
 
 
 def test_pipeline_sizes_that_do_not_fit_are_config_errors():

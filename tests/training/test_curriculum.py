@@ -187,12 +187,14 @@ def _pretrain_recording(config, out: str) -> None:
     from looplm_mega.training.trainer import Trainer
 
     class Recording(Trainer):
-        def _forward(self, batch):
-            if self.engine.module.training:
+        def _micro_batches(self, data, count):
+            batches = super()._micro_batches(data, count)
+            if data is self._data:  # training, not validation
                 with open(out, "a") as f:
-                    f.write(json.dumps({"step": self.state.step, "shape": list(batch["input_ids"].shape),
-                                        "min": int(batch["input_ids"].min())}) + "\n")
-            return super()._forward(batch)
+                    for batch in batches:
+                        f.write(json.dumps({"step": self.state.step, "shape": list(batch["input_ids"].shape),
+                                            "min": int(batch["input_ids"].min())}) + "\n")
+            return batches
 
     Recording(config).train()
 
@@ -212,12 +214,12 @@ def test_a_run_ramps_its_batch_then_switches_sequence_length_and_data(data_run):
     assert [train[s]["data_segment"] for s in range(1, 14)] == [0] * 10 + [1] * 3
     assert train[13]["consumed_samples"] == 4 * 4 + 8 * 6 + 4 * 3
     batches = [json.loads(line) for line in (data_run / "batches.jsonl").read_text().splitlines()]
-    per_loop = {}
+    by_step = {}
     for b in batches:
-        per_loop.setdefault(b["step"], []).append(b)
-    assert [len(per_loop[s]) for s in range(13)] == [2] * 4 + [4] * 6 + [4] * 3  # micro-batches
-    assert all(b["shape"] == [2, 32] and b["min"] < 400 for s in range(10) for b in per_loop[s])
-    assert all(b["shape"] == [1, 64] and b["min"] >= 400 for s in range(10, 13) for b in per_loop[s])
+        by_step.setdefault(b["step"], []).append(b)
+    assert [len(by_step[s]) for s in range(13)] == [2] * 4 + [4] * 6 + [4] * 3  # micro-batches
+    assert all(b["shape"] == [2, 32] and b["min"] < 400 for s in range(10) for b in by_step[s])
+    assert all(b["shape"] == [1, 64] and b["min"] >= 400 for s in range(10, 13) for b in by_step[s])
     valid = [r for r in records if r["split"] == "valid"][-1]
     assert valid["stage"] == "long"
 

@@ -114,7 +114,7 @@ def _pretrain_with_bad_forwards(config: RunConfig, corruption: str, bad_calls: l
         if self.training:
             calls[0] += 1
             if calls[0] in bad_calls or -1 in bad_calls:
-                output.loss = corrupt(output.loss)
+                output.terms.loss = corrupt(output.loss)
         return output
 
     LoopLM.forward = forward
@@ -138,16 +138,17 @@ class _NanGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
-def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(dataset, tmp_path):
+def test_a_non_finite_loss_skips_its_whole_step_and_too_many_stop_the_run(dataset, tmp_path):
+    # Forwards 9 and 10 are micro-batches of step 3 (4 per step): that step alone is skipped.
     config = run_config(dataset, tmp_path / "skip", training={"save_interval": 0})
-    run_distributed(_pretrain_with_bad_forwards, 1, config, "nan_loss", [3, 4], "")
+    run_distributed(_pretrain_with_bad_forwards, 1, config, "nan_loss", [9, 10], "")
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
-    assert len(train) == 6 and all(np.isfinite(r["loss"]) for r in train)
-    assert train[-1]["skipped_micro_batches"] == 2 and train[-1]["skipped_steps"] == 0
-    assert train[-1]["consumed_samples"] == 6 * 8 + 2 * 2
+    assert [r["skipped_steps"] for r in train] == [0, 0, 1, 1, 1, 1]
+    assert [np.isfinite(r["loss"]) for r in train] == [True, True, False, True, True, True]
+    assert train[-1]["consumed_samples"] == 6 * 8 and np.isfinite(records[-1]["loss"])
     stop = run_config(dataset, tmp_path / "stop", training={"save_interval": 0, "max_nonfinite_steps": 3})
-    run_distributed(_pretrain_with_bad_forwards, 1, stop, "nan_loss", [-1], "micro-batches in a row gave a non-finite loss")
+    run_distributed(_pretrain_with_bad_forwards, 1, stop, "nan_loss", [-1], "3 optimizer steps in a row had a non-finite loss")
 
 
 def test_a_run_without_validation_split_trains_and_skips_validation(dataset, tmp_path):
@@ -187,4 +188,4 @@ def test_steps_with_non_finite_gradients_are_skipped(dataset, tmp_path, stage):
     assert all(np.isfinite(r["loss"]) for r in train) and np.isfinite(records[-1]["loss"])
     stop = run_config(dataset, tmp_path / "stop", deepspeed={"zero_stage": stage},
                       training={"save_interval": 0, "max_nonfinite_steps": 2})
-    run_distributed(_pretrain_with_bad_forwards, 1, stop, "nan_gradient", [-1], "steps in a row had a non-finite gradient")
+    run_distributed(_pretrain_with_bad_forwards, 1, stop, "nan_gradient", [-1], "steps in a row had a non-finite loss or gradient")

@@ -1,0 +1,143 @@
+"""The DeepSpeed engine (ZeRO 0-3, optimizer offload, tensor parallelism through the mpu): the
+engine of every run without pipeline parallelism. The model runs micro-batch by micro-batch;
+DeepSpeed accumulates, reduces, clips and steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from looplm_mega.config import merge
+from looplm_mega.model import LoopLM
+from looplm_mega.model.losses import Objective
+from looplm_mega.parallel.state import ParallelState
+from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
+from looplm_mega.training.config import RunConfig
+from looplm_mega.training.engine import Engine, Layout
+from looplm_mega.training.metrics import StepMetrics
+
+
+def deepspeed_config(config: RunConfig, micro_batch_size: int, gradient_accumulation_steps: int, device: torch.device) -> dict:
+    """Our run config as DeepSpeed's; the batch is the first step's (configure() resets it per step)."""
+    section, opt = config.deepspeed, config.optimizer
+    zero: dict = {"stage": section.resolved_zero_stage()}
+    if section.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if section.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": opt.grad_clip,
+        # torch's AdamW on CPU; DeepSpeed's fused (GPU) or CPU-offload Adam otherwise.
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay,
+            "torch_adam": device.type == "cpu" and not section.offload_optimizer}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.training.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+    }
+    return merge(merge(section.file_config(), ours), section.extra)
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: LoopLM, param_groups: list[dict], config: RunConfig, parallel: ParallelState,
+                 device: torch.device, micro_batch_size: int, micro_batches: int):
+        self.module, self.parallel, self.device = model, parallel, device
+        self.tp = TensorParallel.from_state(parallel)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups,
+            config=deepspeed_config(config, micro_batch_size, micro_batches, device),
+            mpu=parallel if parallel.tp > 1 else None)
+        self.optimizer = self.ds.optimizer
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.objective: Objective = "stage1"
+        self._batch = (micro_batch_size, micro_batch_size * micro_batches * parallel.dp)
+        self._skipped_by_us = 0  # ZeRO-0 steps turned into no-ops here (DeepSpeed counts the others)
+
+    def configure(self, micro_batch_size: int, micro_batches: int, seq_length: int, objective: Objective) -> None:
+        self.objective = objective
+        batch = (micro_batch_size, micro_batch_size * micro_batches * self.parallel.dp)
+        if batch != self._batch:
+            self.ds.set_train_micro_batch_size(batch[0])
+            self.ds.set_train_batch_size(batch[1])
+            self._batch = batch
+
+    def _forward(self, batch: dict):
+        segment_ids = batch.get("segment_ids")
+        return self.ds(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                       segment_ids=segment_ids.to(self.device) if segment_ids is not None else None,
+                       objective=self.objective)
+
+    def train_batch(self, micro_batches: list[dict]) -> StepMetrics:
+        skipped_before = self.skipped_steps
+        readouts, zero0_norm = [], None
+        last = len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
+            # The boundary is ours to say: the number of micro-batches changes with the batch.
+            self.ds.set_gradient_accumulation_boundary(index == last)
+            output = self._forward(batch)
+            # A non-finite loss must skip the whole step like a non-finite gradient, but its own
+            # gradient can be finite (an infinite CE has a finite softmax gradient). Scaled by NaN,
+            # every gradient it reaches is NaN, on this rank and after the reduction on all: the
+            # step's gradient norm is not finite, and the optimizer step is skipped by that check.
+            loss = output.loss
+            self.ds.backward(loss * torch.where(torch.isfinite(loss), 1.0, math.nan))
+            if index == last and self.zero_stage == 0:
+                zero0_norm = self._zero0_gradient_norm()
+            self.ds.step()
+            readouts.append((0, output.terms))
+        # ZeRO 1-3: DeepSpeed took the norm (and skips a step whose norm is not finite).
+        norm = zero0_norm if zero0_norm is not None else _as_float(self.ds.get_global_grad_norm())
+        tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        return StepMetrics.from_readouts(readouts, self.module.config.total_ut_steps, len(micro_batches),
+                                         grad_norm=norm, skipped=self.skipped_steps > skipped_before, tokens=tokens)
+
+    def _zero0_gradient_norm(self) -> float:
+        """ZeRO-0 clips without keeping the norm, and would apply a non-finite gradient: the norm is
+        taken here (the gradients are reduced by now). A non-finite one turns the step into a step
+        of zero gradients at learning rate 0: every parameter stays as it is (Adam's moment
+        estimates decay by one step); the next set_lr restores the rate."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params, self.tp)
+        if not math.isfinite(norm):
+            for p in params:
+                p.grad.zero_()
+            for group in self.optimizer.param_groups:
+                group["lr"] = 0.0
+            self._skipped_by_us += 1
+        return norm
+
+    @torch.no_grad()
+    def eval_batch(self, micro_batches: list[dict]) -> torch.Tensor:
+        self.ds.eval()
+        try:
+            return sum(self._forward(batch).ce_per_loop.float() for batch in micro_batches)
+        finally:
+            self.ds.train()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.ds.skipped_steps + self._skipped_by_us
+
+    def save(self, checkpoint_dir: Path, tag: str) -> None:
+        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+
+    def load(self, checkpoint_dir: Path, tag: str) -> None:
+        loaded, _ = self.ds.load_checkpoint(str(checkpoint_dir), tag=tag)
+        if loaded is None:
+            raise RuntimeError(f"{Path(checkpoint_dir) / tag}: DeepSpeed could not load this checkpoint")
+
+    def layout(self) -> Layout:
+        p = self.parallel
+        return Layout(p.dp, p.tp, 1, self.zero_stage, self.tp.sequence_parallel)
+
+    def close(self) -> None:
+        self.ds.destroy()
+
+
+def _as_float(norm) -> float:
+    return math.nan if norm is None else float(norm)
