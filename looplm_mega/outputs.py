@@ -54,6 +54,18 @@ def check_inputs(output: str | Path, inputs: Iterable[str | Path]) -> None:
             raise OutputError(f"{output}: contains the input {given}; choose an output that does not")
 
 
+def check_parent(output: str | Path) -> None:
+    """Refuse an output whose missing parent folders could not be created: the nearest existing
+    ancestor must be a directory this process may write into."""
+    ancestor = Path(output).absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{output}: cannot create its folder, {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{output}: cannot create it, {ancestor} is not writable")
+
+
 def _entries(directory: Path) -> set[str]:
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*")} - {MARKER}
 
@@ -70,6 +82,7 @@ def check_output_dir(output: str | Path, kind: str, inputs: Iterable[str | Path]
     """Raise OutputError unless `output` may be written as a directory of `kind` (the rules above)."""
     output = Path(output)
     check_inputs(output, inputs)
+    check_parent(output)
     if output.is_symlink():
         raise OutputError(f"{output}: is a symbolic link; give the directory itself")
     if output.exists() and not output.is_dir():
@@ -98,10 +111,7 @@ def staged_output_dir(output: str | Path, kind: str, inputs: Iterable[str | Path
     the block fails. Refuses what check_output_dir refuses, before the block runs."""
     output, inputs = Path(output), list(inputs)
     check_output_dir(output, kind, inputs, overwrite)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{output.parent}: cannot create the output's folder ({e.strerror})") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_directory(output, "tmp")
     try:
         yield staging
@@ -156,6 +166,7 @@ def check_output_prefix(prefix: str | Path, inputs: Iterable[str | Path] = (), o
     inputs = list(inputs)
     for path in files:
         check_inputs(path, inputs)
+    check_parent(files[0])
     existing = [path for path in files if path.exists() or path.is_symlink()]
     if not existing:
         return

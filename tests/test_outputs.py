@@ -78,6 +78,16 @@ def test_what_this_project_did_not_write_is_never_replaced(tmp_path):
     assert _listing(tmp_path / "empty") == [MARKER, "x.txt"]
 
 
+def test_a_parent_that_cannot_be_created_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create its folder, .*file is not a directory"):
+        check_output_dir(tmp_path / "file" / "sub" / "out", KIND)
+    with pytest.raises(OutputError, match="cannot create its folder"):
+        check_output_prefix(tmp_path / "file" / "tokens")
+    check_output_dir(tmp_path / "new" / "sub" / "out", KIND)  # missing parents are fine: created on writing
+    assert _listing(tmp_path) == ["file"]
+
+
 @pytest.mark.parametrize("output, message", [
     ("in", "is also an input"),
     ("in/sub", "lies inside the input"),

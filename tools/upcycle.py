@@ -77,11 +77,9 @@ def main(argv=None) -> None:
     source, output = Path(args.source), Path(args.output)
     try:
         check_output_dir(output, MODEL_DIR, [source], args.overwrite)  # before any work
-        output.parent.mkdir(parents=True, exist_ok=True)  # the scratch folder goes beside the output
     except OutputError as e:
         exit_with(parser.prog, e)
-    except OSError as e:
-        exit_with(parser.prog, OutputError(f"{output.parent}: cannot create the output's folder ({e.strerror})"))
+    output.parent.mkdir(parents=True, exist_ok=True)  # the scratch folder goes beside the output
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
         try:
             if (source / "latest").exists() or any(source.glob("step*/trainer_state.json")):

@@ -133,3 +133,22 @@ def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(tool, where,
     before = digest(inputs)
     assert MESSAGES[where] in refused(tool, inputs, out, capsys, "--overwrite")
     assert digest(inputs) == before
+
+
+@pytest.mark.parametrize("tool", DIRECTORY_TOOLS + PREFIX_TOOLS)
+def test_a_parent_that_cannot_be_created_is_one_line(tool, inputs, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "is not a directory" in refused(tool, inputs, tmp_path / "file" / "sub" / "out", capsys)
+
+
+def test_the_quickstart_refuses_an_unrelated_out_before_any_work(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("quickstart", TOOLS.parent / "examples/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--out", str(tmp_path / "out"), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "was not written by looplm-mega" in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.md", "out"]
