@@ -7,7 +7,7 @@ that writes a directory or a file prefix, so that no command destroys what a use
 - A directory is assembled under a temporary name beside the output and renamed when complete; an
   output it replaces is moved aside first and removed only once the new one is in place.
 - Nothing is removed but what the same invocation created, and (with overwrite) the old output it
-  replaces. Missing parent folders of an output are created.
+  replaces. Missing parent folders of an output are created; one that cannot be is refused first.
 
 Recognising an output this project wrote: a directory carries MARKER, naming its kind ("model
 directory", "released-format directory", ...) and listing every path written into it; overwrite
@@ -116,7 +116,9 @@ def staged_output_dir(output: str | Path, kind: str, inputs: Iterable[str | Path
     try:
         yield staging
         (staging / MARKER).write_text(json.dumps({"kind": kind, "entries": sorted(_entries(staging))}, indent=1))
-        check_output_dir(output, kind, inputs, overwrite)  # again: the block may have run for hours
+        # Again: something may have appeared at `output` while the block ran (it may take hours),
+        # and _move_into_place replaces whatever this check lets through.
+        check_output_dir(output, kind, inputs, overwrite)
         _move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
