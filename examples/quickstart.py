@@ -10,7 +10,10 @@
    (Hugging Face) format;
 6. a few lines generated from two prompts (KV cache, Q-exit early exit), with loops per token.
 
-    python examples/quickstart.py [--out runs/quickstart] [--steps 300] [--processes 2] [--section.field value ...]
+Steps 1 to 5 write under a temporary name beside --out, renamed to it when they succeed; an
+existing --out is replaced only with --overwrite, and only if a quickstart wrote it.
+
+    python examples/quickstart.py [--out runs/quickstart] [--overwrite] [--steps 300] [--processes 2] [--section.field value ...]
     python examples/quickstart.py --config configs/curriculum/tiny_cpu.yaml    # Ouro's curriculum in miniature
 """
 
@@ -33,7 +36,10 @@ from looplm_mega.inference.exit_rules import ExitRule  # noqa: E402
 from looplm_mega.inference.generate import GenerationConfig  # noqa: E402
 from looplm_mega.inference.loading import load_model  # noqa: E402
 from looplm_mega.inference.text import generate_text  # noqa: E402
+from looplm_mega.outputs import OutputError, exit_with, staged_output_dir  # noqa: E402
 from looplm_mega.training.distributed import free_port  # noqa: E402
+
+KIND = "quickstart"  # the kind of output (looplm_mega/outputs.py)
 
 
 def run(command: list[str]) -> None:
@@ -41,17 +47,9 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--config", default="configs/run/tiny_cpu.yaml", help="the run config (a curriculum's too)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run config's)")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--corpus-mb", type=float, default=None, help="use only this much of the corpus")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    args, overrides = parser.parse_known_args(argv)  # the rest: run-config flags, e.g. --training.micro_batch_size=4
-    out = (ROOT / args.out).resolve()
-    (out / "data").mkdir(parents=True, exist_ok=True)
+def build(out: Path, args: argparse.Namespace, overrides: list[str]) -> None:
+    """Steps 1 to 5, everything written under `out`."""
+    (out / "data").mkdir(parents=True)
     start = time.time()
     max_bytes = None if args.corpus_mb is None else int(args.corpus_mb * 1e6)
 
@@ -77,6 +75,26 @@ def main(argv=None) -> None:
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(out / "model")])
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--to-hf", str(out / "hf"),
          "--tokenizer", str(out / "tokenizer.json")])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/quickstart")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out an earlier quickstart wrote")
+    parser.add_argument("--config", default="configs/run/tiny_cpu.yaml", help="the run config (a curriculum's too)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run config's)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--corpus-mb", type=float, default=None, help="use only this much of the corpus")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args, overrides = parser.parse_known_args(argv)  # the rest: run-config flags, e.g. --training.micro_batch_size=4
+    out = (ROOT / args.out).resolve()
+    start = time.time()
+    try:
+        with staged_output_dir(out, KIND, overwrite=args.overwrite) as staging:
+            build(staging, args, overrides)
+    except OutputError as e:
+        exit_with(parser.prog, e)
+
     model = load_model(out / "model")
     tokenizer = load_tokenizer(out / "tokenizer.json")
     prompts = ["def ", "import "]
@@ -86,7 +104,7 @@ def main(argv=None) -> None:
         print(f"\n--- {prompt!r} ->\n{prompt}{text}")
     print(f"\n[generation with Q-exit (q = 0.9): {result.loops_per_token:.2f} loops per token of "
           f"{model.config.total_ut_steps}, {result.tokens_per_second:.0f} tokens/s]")
-    print(f"\ndone in {time.time() - start:.0f}s; run directory {run_dir}")
+    print(f"\ndone in {time.time() - start:.0f}s; run directory {out / 'run'}")
 
 
 if __name__ == "__main__":

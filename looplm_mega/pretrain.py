@@ -24,10 +24,15 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="run config YAML")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
+    from looplm_mega.data.indexed import IndexedDatasetError
+
     try:
         config = load_run_config(args.config, overrides)
+        config.check_data()  # every rank: a rank that stopped here alone would leave the others waiting
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except IndexedDatasetError as e:
+        sys.exit(f"data error: {e}")
     from looplm_mega.training.trainer import pretrain  # after the config check: imports DeepSpeed
 
     pretrain(config)

@@ -19,6 +19,8 @@
     python tools/convert_checkpoint.py --from-hf Ouro-1.4B --output runs/ouro_1_4b_init
 
 A run starts from any model directory with `--training.init_from DIR`, at any TP / PP / DP layout.
+An existing output is replaced only with --overwrite, and only if this tool wrote it (the rules of
+looplm_mega/outputs.py).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.outputs import OutputError, check_output_dir, exit_with  # noqa: E402
 from looplm_mega.training.consolidate import consolidate  # noqa: E402
-from looplm_mega.training.hf_format import DTYPES, export_hf, import_hf  # noqa: E402
+from looplm_mega.training.hf_format import DTYPES, RELEASED_DIR, export_hf, import_hf  # noqa: E402
 from looplm_mega.training.model_dir import (  # noqa: E402
-    full_model_files, lazy_tensors, read_config, read_full_state, read_trainer_state, tensor_parallel_degree,
-    write_model_dir,
+    MODEL_DIR, full_model_files, lazy_tensors, read_config, read_full_state, read_trainer_state,
+    tensor_parallel_degree, write_model_dir,
 )
 from looplm_mega.training.optimizer import read_moments  # noqa: E402
 
@@ -55,40 +58,49 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", default=None, help="--to-hf: a tokenizer.json (or a directory holding one)")
     parser.add_argument("--eos-token", default="<|endoftext|>", help="--to-hf: the end-of-text token")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="--to-hf: largest safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output this tool wrote earlier")
     args = parser.parse_args(argv)
     if args.tp < 1:
         parser.error(f"--tp {args.tp}: must be at least 1")
     if args.to_hf and args.from_hf:
         parser.error("--from-hf with --to-hf: nothing to convert")
+    source = args.checkpoint or args.model or args.from_hf
+    inputs = [source] + ([args.tokenizer] if args.tokenizer else [])
+    output, kind = (args.output, MODEL_DIR) if args.output else (args.to_hf, RELEASED_DIR)
     try:
+        check_output_dir(output, kind, inputs, args.overwrite)  # before any work
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = Path(args.model) if args.model else None
             if args.checkpoint:
                 if args.to_hf:  # consolidated first; lazily, so one tensor at a time
                     model_dir = consolidate(args.checkpoint, Path(scratch) / "model", args.tag)
                 else:
-                    out = consolidate(args.checkpoint, args.output, args.tag, args.tp, optimizer=args.optimizer)
+                    out = consolidate(args.checkpoint, args.output, args.tag, args.tp, optimizer=args.optimizer,
+                                      overwrite=args.overwrite)
             elif args.from_hf:
-                out = import_hf(args.from_hf, args.output if args.tp == 1 else Path(scratch) / "model")
-                if args.tp > 1:
-                    model_dir = out
+                if args.tp == 1:
+                    out = import_hf(args.from_hf, args.output, overwrite=args.overwrite)
+                else:
+                    model_dir = import_hf(args.from_hf, Path(scratch) / "model")
             if model_dir is not None:
-                if Path(model_dir).resolve() == Path(args.output or args.to_hf).resolve():
-                    parser.error("the output must differ from the source")
                 if tensor_parallel_degree(model_dir) > 1:  # a clear error for a directory that is not one, too
                     tensors = read_full_state(model_dir)
                 else:
                     tensors = lazy_tensors(full_model_files(model_dir))
                 if args.to_hf:
                     out = export_hf(tensors, read_config(model_dir), args.to_hf, args.dtype, args.tokenizer,
-                                    args.eos_token, int(args.max_shard_gb * 2**30))
+                                    args.eos_token, int(args.max_shard_gb * 2**30), overwrite=args.overwrite,
+                                    inputs=inputs)
                 else:
                     saved = read_moments(model_dir)
                     out = write_model_dir(args.output, tensors, read_config(model_dir), read_trainer_state(model_dir),
-                                          args.tp, saved[0] if saved else None)
+                                          args.tp, saved[0] if saved else None, overwrite=args.overwrite, inputs=inputs)
+    except OutputError as e:
+        exit_with(parser.prog, e)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    files = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json", ".yaml"))
+    files = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json", ".yaml")
+                   and not p.name.startswith("."))
     print(f"wrote {out}: {', '.join(files)}")
 
 

@@ -7,7 +7,8 @@
 Reads the validation split of the data as training does (same split ratios, seed and document
 masking: pass the run's --split / --seed / --eod-token-id if it changed them); `--split 0,1,0`
 evaluates every document of a held-out dataset. Writes eval_loops.json (every number),
-ce_per_loop.png and exit_histogram.png into --output, and prints a table per loop step.
+ce_per_loop.png and exit_histogram.png into --output (a new folder; --overwrite replaces one this
+tool wrote earlier: looplm_mega/outputs.py), and prints a table per loop step.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from tqdm import tqdm  # noqa: E402
 from looplm_mega.data.builder import build_datasets  # noqa: E402
 from looplm_mega.data.config import SPLIT_NAMES, DataConfig  # noqa: E402
 from looplm_mega.data.gpt_dataset import collate_batch  # noqa: E402
+from looplm_mega.data.indexed import data_path, index_path  # noqa: E402
+from looplm_mega.data.token_ids import check_token_ids  # noqa: E402
 from looplm_mega.eval.per_loop import PerLoopMetrics, evaluate_per_loop  # noqa: E402
 from looplm_mega.eval.plots import plot_exit_histogram, plot_ce_per_loop, require_matplotlib  # noqa: E402
 from looplm_mega.inference.loading import load_model  # noqa: E402
+from looplm_mega.outputs import OutputError, check_output_dir, exit_with, staged_output_dir  # noqa: E402
 from looplm_mega.training.hf_format import DTYPES  # noqa: E402
 
 RESULTS, LOSS_PLOT, EXIT_PLOT = "eval_loops.json", "ce_per_loop.png", "exit_histogram.png"
+KIND = "eval_loops result"  # the kind of output (looplm_mega/outputs.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-threshold", type=float, default=None,
                    help="q of the Q-exit, in [0, 1] (default: the model's early_exit_threshold)")
     p.add_argument("--output", required=True, help="folder for eval_loops.json and the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output this tool wrote earlier")
     p.add_argument("--split", default=DataConfig.split, help="train/valid/test document ratios (default %(default)s)")
     p.add_argument("--split-name", choices=SPLIT_NAMES, default="valid", help="which split to evaluate")
     p.add_argument("--seed", type=int, default=DataConfig.seed, help="sample shuffle seed (default %(default)s)")
@@ -75,6 +81,11 @@ def print_table(metrics: PerLoopMetrics) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    inputs = [args.model, *(f(prefix) for prefix in args.data for f in (data_path, index_path))]
+    try:
+        check_output_dir(args.output, KIND, inputs, args.overwrite)  # before the evaluation
+    except OutputError as e:
+        exit_with("eval_loops.py", e)
     try:
         require_matplotlib()
         model = load_model(args.model, args.device, DTYPES[args.dtype] if args.dtype else None)
@@ -82,6 +93,7 @@ def main(argv=None) -> None:
         if args.seq_length > limit:
             raise ValueError(f"--seq-length {args.seq_length}: longer than the model's max_position_embeddings={limit} "
                              f"({args.model})")
+        check_token_ids(args.data, model.config.vocab_size, args.cache_dir)
         data = DataConfig(prefixes=args.data, split=args.split, seq_length=args.seq_length, seed=args.seed,
                           reset_attention_mask=not args.no_reset_attention_mask, eod_token_id=args.eod_token_id,
                           cache_dir=args.cache_dir)
@@ -96,21 +108,21 @@ def main(argv=None) -> None:
     except (ImportError, FileNotFoundError, ValueError) as e:  # IndexedDatasetError, ConfigError: ValueErrors
         sys.exit(f"error: {e}")
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     results = {"model": str(args.model), "data": args.data, "split": args.split, "split_name": args.split_name,
                "seed": args.seed, "eod_token_id": args.eod_token_id, "reset_attention_mask": data.reset_attention_mask,
                "seq_length": args.seq_length, "batch_size": args.batch_size, "num_batches": args.num_batches,
                **metrics.to_dict()}
-    tmp = output / f".{RESULTS}.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(output / RESULTS)
-    plot_ce_per_loop(output / LOSS_PLOT, metrics.ce_per_loop, metrics.accuracy_per_loop, metrics.adaptive_ce,
-                       metrics.exit_threshold)
-    plot_exit_histogram(output / EXIT_PLOT, metrics.exit_loop_counts, metrics.exit_prob_per_loop,
-                        metrics.exit_threshold)
+    try:
+        with staged_output_dir(args.output, KIND, inputs, args.overwrite) as staging:
+            (staging / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+            plot_ce_per_loop(staging / LOSS_PLOT, metrics.ce_per_loop, metrics.accuracy_per_loop,
+                             metrics.adaptive_ce, metrics.exit_threshold)
+            plot_exit_histogram(staging / EXIT_PLOT, metrics.exit_loop_counts, metrics.exit_prob_per_loop,
+                                metrics.exit_threshold)
+    except OutputError as e:
+        exit_with("eval_loops.py", e)
     print_table(metrics)
-    print(f"wrote {output}: {RESULTS}, {LOSS_PLOT}, {EXIT_PLOT}")
+    print(f"wrote {args.output}: {RESULTS}, {LOSS_PLOT}, {EXIT_PLOT}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
         --output-prefix data/ab_text_document
 
 Every input is validated, and must hold tokens of the same dtype, before anything is written;
-the output appears only when complete.
+the output appears only when complete. An existing output dataset is replaced only with
+--overwrite, and never by one of the inputs (looplm_mega/outputs.py).
 """
 
 from __future__ import annotations
@@ -16,15 +17,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
+from looplm_mega.data.indexed import IndexedDatasetError, data_path, index_path  # noqa: E402
 from looplm_mega.data.preprocess import merge_datasets  # noqa: E402
+from looplm_mega.outputs import OutputError, check_output_prefix, exit_with  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--inputs", nargs="+", required=True, help="prefixes of the datasets (name.bin / name.idx also accepted)")
     p.add_argument("--output-prefix", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an output dataset written earlier")
     args = p.parse_args(argv)
+    # The inputs as merge_datasets reads them: name.bin and name.idx stand for the prefix name.
+    prefixes = [name[:-4] if name.endswith((".bin", ".idx")) else name for name in args.inputs]
+    inputs = [f(prefix) for prefix in prefixes for f in (data_path, index_path)]
+    try:
+        check_output_prefix(args.output_prefix, inputs, args.overwrite)
+    except OutputError as e:
+        exit_with(p.prog, e)
     start = time.perf_counter()
     try:
         documents, tokens = merge_datasets(args.inputs, args.output_prefix)

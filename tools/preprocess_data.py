@@ -9,12 +9,14 @@
 
 Inputs: JSONL (plain, .gz, .zst), plain text, Parquet, or a Hugging Face dataset. A bad record
 stops the run with its file and line, unless --skip-invalid skips and counts it.
+An existing output dataset is replaced only with --overwrite (looplm_mega/outputs.py).
 The logic lives in looplm_mega/data/preprocess.py; this file only parses flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import sys
 from pathlib import Path
@@ -23,9 +25,21 @@ from typing import get_args
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from looplm_mega.config import ConfigError  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
-from looplm_mega.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from looplm_mega.data.preprocess import PreprocessConfig, output_prefix, preprocess  # noqa: E402
 from looplm_mega.data.readers import InputFormat, InvalidInputError, TextMode  # noqa: E402
 from looplm_mega.data.tokenizer import EOD_TOKEN  # noqa: E402
+from looplm_mega.outputs import OutputError, check_output_prefix, exit_with  # noqa: E402
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every dataset the run writes, the partitions' intermediate ones too (preprocess.py merges,
+    then deletes `{prefix}_partN_*`: they must not be anything the run did not write)."""
+    inputs = [] if args.input_format == "hf" else [path for pattern in args.input for path in glob.glob(pattern) or [pattern]]
+    prefixes = [args.output_prefix] + ([f"{args.output_prefix}_part{i}" for i in range(args.partitions)]
+                                       if args.partitions > 1 else [])
+    for prefix in prefixes:
+        for key in args.json_keys:
+            check_output_prefix(output_prefix(prefix, key), inputs, args.overwrite)
 
 
 def parse_args(argv=None) -> PreprocessConfig:
@@ -49,7 +63,12 @@ def parse_args(argv=None) -> PreprocessConfig:
                    help="plain text: one document per file or per line")
     p.add_argument("--hf-split", default=defaults.hf_split, help="split of a Hugging Face dataset")
     p.add_argument("--batch-documents", type=int, default=defaults.batch_documents, help="documents per encoding batch")
+    p.add_argument("--overwrite", action="store_true", help="replace output datasets written earlier")
     args = p.parse_args(argv)
+    try:
+        check_outputs(args)
+    except OutputError as e:
+        exit_with(p.prog, e)
     return PreprocessConfig(
         input=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer, json_keys=args.json_keys,
         input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split, workers=args.workers,

@@ -11,6 +11,8 @@ model directory (tools/convert_checkpoint.py output) or a Hugging Face Ouro dire
 moments grown like the weights (--optimizer carry); --keep-progress also carries the step and
 consumed samples. It then prints a function check: the CE of every loop
 step of the original and the grown model on a few batches (of --check-data, else random tokens).
+An existing output is replaced only with --overwrite, and only if it is a model directory this
+project wrote (looplm_mega/outputs.py); the output may not be, hold or lie inside the source.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.data.token_ids import check_token_ids  # noqa: E402
 from looplm_mega.model import LoopLM  # noqa: E402
-from looplm_mega.training.model_dir import read_config, read_full_state  # noqa: E402
+from looplm_mega.outputs import OutputError, check_output_dir, exit_with  # noqa: E402
+from looplm_mega.training.model_dir import MODEL_DIR, read_config, read_full_state  # noqa: E402
 from looplm_mega.training.upcycle import read_source_config, upcycle  # noqa: E402
 
 
@@ -34,6 +38,7 @@ def _batches(config, data: str | None, count: int, seq: int) -> list[torch.Tenso
         return [torch.randint(0, config.vocab_size, (2, seq + 1), generator=generator) for _ in range(count)]
     from looplm_mega.data.indexed import IndexedDataset
 
+    check_token_ids([data], config.vocab_size)
     tokens = IndexedDataset(data)
     stream = torch.cat([torch.from_numpy(tokens[i].astype("int64")) for i in range(min(len(tokens), 200))])
     need = count * 2 * (seq + 1)
@@ -67,15 +72,24 @@ def main(argv=None) -> None:
     parser.add_argument("--check-batches", type=int, default=4)
     parser.add_argument("--check-seq-length", type=int, default=128)
     parser.add_argument("--no-check", action="store_true", help="skip the function check (it loads both models)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model directory written earlier")
     args = parser.parse_args(argv)
-    source = Path(args.source)
-    with tempfile.TemporaryDirectory(dir=Path(args.output).resolve().parent) as scratch:
-        if (source / "latest").exists() or any(source.glob("step*/trainer_state.json")):
-            from looplm_mega.training.consolidate import consolidate
-
-            source = consolidate(source, Path(scratch) / "consolidated", args.tag, optimizer=args.optimizer == "carry")
+    source, output = Path(args.source), Path(args.output)
+    try:
+        check_output_dir(output, MODEL_DIR, [source], args.overwrite)  # before any work
+    except OutputError as e:
+        exit_with(parser.prog, e)
+    output.parent.mkdir(parents=True, exist_ok=True)  # the scratch folder goes beside the output
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
         try:
-            out = upcycle(source, args.output, args.factor, args.order, args.keep_progress, args.optimizer)
+            if (source / "latest").exists() or any(source.glob("step*/trainer_state.json")):
+                from looplm_mega.training.consolidate import consolidate
+
+                source = consolidate(source, Path(scratch) / "consolidated", args.tag, optimizer=args.optimizer == "carry")
+            out = upcycle(source, output, args.factor, args.order, args.keep_progress, args.optimizer,
+                          overwrite=args.overwrite)
+        except OutputError as e:
+            exit_with(parser.prog, e)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         grown = read_config(out)
@@ -83,7 +97,10 @@ def main(argv=None) -> None:
         if args.no_check:
             return
         original = read_source_config(source)
-        batches = _batches(original, args.check_data, args.check_batches, args.check_seq_length)
+        try:
+            batches = _batches(original, args.check_data, args.check_batches, args.check_seq_length)
+        except ValueError as e:  # IndexedDatasetError, ConfigError (token ids outside the vocabulary)
+            sys.exit(f"error: {e}")
         where = args.check_data or "random tokens"
         for name, directory, config in (("original", source, original), ("upcycled", out, grown)):
             ce = per_loop_ce(directory, config, batches)

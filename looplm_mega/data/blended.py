@@ -67,7 +67,22 @@ def load_or_build_blend_indices(weights: Sequence[float], num_samples: int,
         return {"dataset_index": np.zeros(0, np.int16), "dataset_sample_index": np.zeros(0, np.int64)}, False
     params = {"format": BLEND_FORMAT, "weights": weights.tolist(), "num_samples": num_samples}
     name = f"blend_{cache_key(params)}"
-    return load_or_build(cache_dir, name, BLEND_ARRAYS, lambda: build_blend_indices(weights, num_samples), params)
+    return load_or_build(cache_dir, name, BLEND_ARRAYS, lambda: build_blend_indices(weights, num_samples), params,
+                         lambda arrays: check_blend_indices(arrays, len(weights), num_samples))
+
+
+def check_blend_indices(arrays: dict[str, np.ndarray], num_datasets: int, num_samples: int) -> Optional[str]:
+    """What is wrong with cached blend arrays (None: nothing found): cheap vectorised checks."""
+    dataset_index, sample_index = (np.asarray(arrays[a]) for a in BLEND_ARRAYS)
+    if dataset_index.shape != (num_samples,) or sample_index.shape != (num_samples,):
+        return f"the arrays do not hold {num_samples} samples"
+    if dataset_index.min() < 0 or dataset_index.max() >= num_datasets:
+        return f"dataset_index holds datasets outside [0, {num_datasets})"
+    for j in range(num_datasets):  # each dataset's samples are numbered 0, 1, 2 ... in blend order
+        numbers = sample_index[dataset_index == j]
+        if not np.array_equal(numbers, np.arange(len(numbers))):
+            return f"dataset_sample_index does not number the samples of dataset {j} 0, 1, 2 ..."
+    return None
 
 
 def samples_per_dataset(dataset_index: np.ndarray, num_datasets: int) -> np.ndarray:

@@ -99,6 +99,30 @@ def build_sample_indices(
             "shuffle_index": shuffle_index}
 
 
+def check_sample_indices(arrays: dict[str, np.ndarray], first_sequence: int, end_sequence: int,
+                         num_samples: int) -> Optional[str]:
+    """What is wrong with cached index arrays (None: nothing found), by cheap vectorised range
+    checks: a cache file overwritten with other numbers would otherwise read the wrong tokens or
+    fail deep inside a DataLoader worker."""
+    document_index, sample_index, shuffle_index = (np.asarray(arrays[a]) for a in INDEX_ARRAYS)
+    if document_index.ndim != 1 or sample_index.ndim != 2 or sample_index.shape[1:] != (2,) or shuffle_index.ndim != 1:
+        return "document_index, sample_index, shuffle_index have the wrong shapes"
+    if len(document_index) == 0 or len(sample_index) < 2:
+        return "empty document_index or sample_index"
+    if document_index.min() < first_sequence or document_index.max() >= end_sequence:
+        return f"document_index holds sequences outside [{first_sequence}, {end_sequence})"
+    positions, offsets = sample_index[:, 0], sample_index[:, 1]
+    if positions.min() < 0 or positions.max() >= len(document_index) or (np.diff(positions) < 0).any():
+        return "sample_index positions do not rise within the document_index"
+    if offsets.min() < 0:
+        return "sample_index holds negative token offsets"
+    if len(shuffle_index) < num_samples:
+        return f"shuffle_index holds {len(shuffle_index)} samples, fewer than the {num_samples} asked for"
+    if shuffle_index.min() < 0 or shuffle_index.max() >= len(sample_index) - 1:
+        return f"shuffle_index holds samples outside [0, {len(sample_index) - 1})"
+    return None
+
+
 def _random(seed: int, stream: int, epoch: int) -> np.random.RandomState:
     # The legacy RandomState, not default_rng: numpy freezes its streams across versions (NEP 19),
     # so a run resumed elsewhere without the cache rebuilds the very same order.
@@ -207,7 +231,8 @@ class GPTDataset:
                        "document_range": [first, last], "num_samples_requested": self.num_samples}
         build = lambda: build_sample_indices(indexed.sequence_lengths, indexed.document_indices,  # noqa: E731
                                              self.document_range, self.num_samples, self.seq_length, self.seed)
-        indices, self.built_indices = load_or_build(directory, name, INDEX_ARRAYS, build, description)
+        check = lambda arrays: check_sample_indices(arrays, first_sequence, end_sequence, self.num_samples)  # noqa: E731
+        indices, self.built_indices = load_or_build(directory, name, INDEX_ARRAYS, build, description, check)
         available = len(indices["shuffle_index"])
         if available < self.num_samples:
             raise ValueError(f"{directory / name}: cached index holds {available} samples, fewer than the "

@@ -4,7 +4,8 @@ Every rank of a run needs the same shuffle and sample indices. Building them on 
 minutes and memory on big datasets, so (as Megatron does) rank 0 builds them and writes .npy files,
 the other ranks wait at a barrier and memory-map the files; so do later runs with the same
 parameters. A file name carries a hash of everything the arrays depend on, so a changed parameter
-gives a new name and a rebuild, never a stale index.
+gives a new name and a rebuild, never a stale index. A cache file that is missing, cannot be read
+(truncated, overwritten) or fails the caller's check of its contents is rebuilt the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -89,20 +90,38 @@ def _write(directory: Path, name: str, arrays: dict[str, np.ndarray], descriptio
                       "set data.cache_dir to a writable folder") from None
 
 
+Check = Callable[[dict[str, np.ndarray]], Optional[str]]
+
+
+def _load(paths: dict[str, Path], check: Optional[Check]) -> tuple[Optional[dict[str, np.ndarray]], Optional[str]]:
+    """(the arrays, memory-mapped, None) or (None, why they cannot be used; None when simply missing)."""
+    if not all(p.exists() for p in paths.values()):
+        return None, None
+    arrays = {}
+    for a, p in paths.items():
+        try:
+            arrays[a] = np.load(p, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            return None, f"{p}: unreadable ({e})"
+    problem = check(arrays) if check is not None else None
+    return (None, problem) if problem else (arrays, None)
+
+
 def load_or_build(
     directory: str | Path,
     name: str,
     array_names: tuple[str, ...],
     build: Callable[[], dict[str, np.ndarray]],
     description: dict,
+    check: Optional[Check] = None,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """The arrays `{directory}/{name}_{array}.npy`, memory-mapped read-only; built first by `build`
-    (on rank 0 only when torch.distributed is initialised) when any is missing. Returns the arrays
-    and whether this process built them."""
+    (on rank 0 only when torch.distributed is initialised) when any is missing, unreadable, or
+    rejected by `check` (which returns what is wrong, or None). Returns the arrays and whether this
+    process built them."""
     directory = Path(directory)
     paths = {a: directory / f"{name}_{a}.npy" for a in array_names}
     is_distributed, rank = _distributed()
-    built = False
 
     def build_and_write() -> None:
         start = time.perf_counter()
@@ -112,23 +131,37 @@ def load_or_build(
         _write(directory, name, arrays, description)
         logger.info("built index %s in %.2f s (%s)", name, time.perf_counter() - start, directory)
 
-    if rank == 0 and not all(p.exists() for p in paths.values()):
+    def load_or_none() -> Optional[dict[str, np.ndarray]]:
+        arrays, problem = _load(paths, check)
+        if problem:
+            logger.warning("index %s: %s; building it again", name, problem)
+        return arrays
+
+    arrays, built = None, False
+    if rank == 0:
         try:
-            build_and_write()
-            built = True
+            arrays = load_or_none()
+            if arrays is None:
+                build_and_write()
+                built = True
         finally:
             # Reached even when the build fails, so that the other ranks never wait forever.
             if is_distributed:
                 _barrier()
     elif is_distributed:
         _barrier()
-    if not all(p.exists() for p in paths.values()):
+    if arrays is None:
+        arrays = load_or_none()
+    if arrays is None:
         # Rank 0 failed, or wrote to a node-local folder this rank cannot see: build here. The
         # build is deterministic, so every rank ends up with the same arrays.
-        logger.warning("index %s not found in %s after rank 0's build; building it on rank %d", name, directory, rank)
+        logger.warning("index %s not usable in %s after rank 0's build; building it on rank %d", name, directory, rank)
         build_and_write()
         built = True
-    return {a: np.load(p, mmap_mode="r") for a, p in paths.items()}, built
+        arrays, problem = _load(paths, check)
+        if arrays is None:
+            raise ValueError(f"index {name} in {directory}: {problem or 'missing'} right after building it")
+    return arrays, built
 
 
 def arrays_for_pickling(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray | Path]:

@@ -14,8 +14,8 @@ back to back, `{prefix}.idx` the index (layout below, little-endian; S sequences
 The writer streams: tokens go to disk as they come and the per-sequence lengths spill to a side
 file, so memory stays bounded however large the shard (Megatron's builder keeps Python lists of
 every length and runs out of memory on big shards). Both files are written under temporary names
-and renamed only when complete. The reader memory-maps both files and validates the index
-against the data before use.
+and renamed only when complete. The reader memory-maps both files and validates every entry of
+the index, and the index against the data, before use.
 """
 
 from __future__ import annotations
@@ -181,6 +181,42 @@ class IndexedDatasetWriter:
             self.abort()
 
 
+def _first(bad: np.ndarray) -> int:
+    return int(np.flatnonzero(bad)[0])
+
+
+def _validate_entries(idx: Path, lengths: np.ndarray, pointers: np.ndarray, documents: np.ndarray, itemsize: int) -> int:
+    """Check every entry of an index (a corrupt one in the middle would otherwise crash inside the
+    model or yield empty samples): lengths >= 0, each pointer the running sum of the lengths before
+    it times the item size, document indices rising from 0 to the number of sequences. Vectorised,
+    in chunks (bounded memory for any size). Returns the byte size the .bin must have."""
+    offset = 0  # bytes before the chunk
+    for start in range(0, len(lengths), _COPY_ITEMS):
+        chunk = np.asarray(lengths[start : start + _COPY_ITEMS], dtype=np.int64)
+        if (chunk < 0).any():
+            i = start + _first(chunk < 0)
+            raise IndexedDatasetError(f"{idx}: sequence {i} has length {int(lengths[i])} (negative)")
+        nbytes = chunk * itemsize
+        expected = offset + np.cumsum(nbytes) - nbytes
+        wrong = np.asarray(pointers[start : start + _COPY_ITEMS]) != expected
+        if wrong.any():
+            i = _first(wrong)
+            raise IndexedDatasetError(f"{idx}: sequence {start + i} starts at byte {int(pointers[start + i])} of the .bin, "
+                                      f"but the lengths before it put it at {int(expected[i])}")
+        offset += int(nbytes.sum())
+    num_sequences = len(lengths)
+    if documents[0] != 0 or documents[-1] != num_sequences:
+        raise IndexedDatasetError(f"{idx}: document indices must rise from 0 to {num_sequences}, "
+                                  f"but run from {int(documents[0])} to {int(documents[-1])}")
+    for start in range(0, len(documents) - 1, _COPY_ITEMS):
+        falls = np.diff(np.asarray(documents[start : start + _COPY_ITEMS + 1])) < 0
+        if falls.any():
+            d = start + _first(falls) + 1
+            raise IndexedDatasetError(f"{idx}: document indices must rise from 0 to {num_sequences}, but entry {d} "
+                                      f"({int(documents[d])}) is below entry {d - 1} ({int(documents[d - 1])})")
+    return offset
+
+
 class IndexedDataset:
     """Memory-mapped reader of `{prefix}.bin/.idx`; reads are zero-copy numpy views."""
 
@@ -216,11 +252,9 @@ class IndexedDataset:
         self.sequence_lengths = mm[HEADER_BYTES : HEADER_BYTES + 4 * num_sequences].view(np.int32)
         self.sequence_pointers = mm[HEADER_BYTES + 4 * num_sequences : HEADER_BYTES + 12 * num_sequences].view(np.int64)
         self.document_indices = mm[HEADER_BYTES + 12 * num_sequences : expected].view(np.int64)
-        docs = self.document_indices
-        if docs[0] != 0 or docs[-1] != num_sequences or np.any(np.diff(docs) < 0):
-            raise IndexedDatasetError(f"{idx}: document indices must rise from 0 to {num_sequences}")
+        needed = _validate_entries(idx, self.sequence_lengths, self.sequence_pointers, self.document_indices,
+                                   self.dtype.itemsize)
         bin_size = bin_.stat().st_size
-        needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if num_sequences else 0
         if bin_size != needed:
             raise IndexedDatasetError(f"{bin_}: {bin_size} bytes, but {idx} describes {needed} (truncated or mismatched pair)")
         self._bin = np.memmap(bin_, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)

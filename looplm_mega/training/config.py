@@ -279,6 +279,11 @@ class RunConfig:
         # stage's layer count and sequence length.
         model = self.model_config()
         for stage in self.curriculum_plan().states:
+            if stage.seq_length > model.max_position_embeddings:  # trains, then exports a config that lies
+                own = self.curriculum and self.curriculum[stage.index].seq_length is not None
+                field_name = f"curriculum stage {stage.name!r}: seq_length" if own else "data.seq_length"
+                raise ConfigError(f"{field_name}={stage.seq_length} exceeds model.max_position_embeddings="
+                                  f"{model.max_position_embeddings}")
             try:
                 staged = model.replace(num_hidden_layers=stage.num_layers)
                 check_tensor_parallel(staged, self.parallel.tp, stage.seq_length, self.parallel.sequence_parallel)
@@ -321,6 +326,17 @@ class RunConfig:
     @property
     def train_steps(self) -> int:
         return self.curriculum_plan().total_steps
+
+    def check_data(self) -> None:
+        """Every dataset of the run (in any stage) opens and passes the index checks, and holds only
+        token ids below model.vocab_size; meant for before any engine is built (an id out of range
+        otherwise crashes the embedding at the first step). Raises IndexedDatasetError or ConfigError."""
+        from looplm_mega.data.token_ids import check_token_ids
+
+        vocab_size = self.model_config().vocab_size
+        blends = {(tuple(s.data.prefixes), s.data.cache_dir) for s in self.curriculum_plan().states}
+        for prefixes, cache_dir in sorted(blends, key=str):
+            check_token_ids(prefixes, vocab_size, cache_dir)
 
     def check_batches(self, data_parallel_size: int) -> None:
         """Every global batch of the run must split into micro-batches over the data-parallel ranks."""

@@ -20,9 +20,10 @@ import torch
 
 from looplm_mega.config import from_dict
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.outputs import check_output_dir
 from looplm_mega.training.checkpoint import latest_tag
 from looplm_mega.training.config import RunConfig
-from looplm_mega.training.model_dir import MergedTensor, write_model_dir
+from looplm_mega.training.model_dir import MODEL_DIR, MergedTensor, write_model_dir
 from looplm_mega.training.optimizer import consolidated_moments
 
 
@@ -78,10 +79,12 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, vocab_size: int) -> 
 
 
 def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optional[str] = None, tp: int = 1,
-                optimizer: bool = False) -> Path:
+                optimizer: bool = False, *, overwrite: bool = False) -> Path:
     """Write the checkpoint as a model directory (training.model_dir), whole or split into `tp`
-    shards, with Adam's moments (training/optimizer.py) if `optimizer`; returns output_dir."""
+    shards, with Adam's moments (training/optimizer.py) if `optimizer`; returns output_dir. An
+    existing model directory there is replaced only with overwrite (looplm_mega/outputs.py)."""
     checkpoint_dir = Path(checkpoint_dir)
+    check_output_dir(output_dir, MODEL_DIR, [checkpoint_dir], overwrite)  # before the shards are read
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no 'latest' pointer; name a checkpoint with --tag")
@@ -98,4 +101,5 @@ def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optiona
     moments = None
     if optimizer:
         moments, trainer_state["adam_step"] = consolidated_moments(checkpoint_dir, tag, trainer_state, model_config)
-    return write_model_dir(output_dir, state, model_config, trainer_state, tp, moments)
+    return write_model_dir(output_dir, state, model_config, trainer_state, tp, moments, overwrite=overwrite,
+                           inputs=(checkpoint_dir,))

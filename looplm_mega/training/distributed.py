@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,27 @@ def init_distributed() -> torch.device:
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
         atexit.register(_leave_process_groups)
+        if device.type == "cpu" and dist.get_world_size() > 1:
+            _unlink_shared_memory_buffer()
     return device
+
+
+def shared_memory_buffer() -> Path:
+    """The shared-memory all-reduce buffer DeepSpeed's CPU backend creates for this rank when all
+    ranks run on one machine (its LOCAL_SIZE, which the deepspeed launcher sets, equals the world
+    size): 69 MB in /dev/shm, named as deepspeed/ops/csrc/cpu/comm/shm.cpp names it."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+
+
+def _unlink_shared_memory_buffer() -> None:
+    """DeepSpeed never removes its buffers: every CPU run left them in /dev/shm, after a clean exit
+    too, until the machine ran out of memory. Once every rank has mapped every buffer (each rank
+    maps all of them inside init_distributed, so after the barrier), the names can go: the mappings
+    stay valid for the rest of the run (shm_unlink removes only the name), and nothing is left
+    behind however the run ends, even when it is killed."""
+    dist.barrier()
+    shared_memory_buffer().unlink(missing_ok=True)
 
 
 def _leave_process_groups() -> None:

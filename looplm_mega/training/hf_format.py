@@ -21,14 +21,16 @@ from typing import Mapping, Optional
 import torch
 
 from looplm_mega.model.config import RELEASED_FIELDS, LoopLMConfig
+from looplm_mega.outputs import staged_output_dir
 from looplm_mega.training.model_dir import (
-    FULL, HF_INDEX, TensorLike, full_model_files, lazy_tensors, staged_directory, write_config, write_tensors,
+    FULL, HF_INDEX, MODEL_DIR, TensorLike, full_model_files, lazy_tensors, write_config, write_tensors,
 )
 
 # The released modeling code lives with the released weights; exported directories point at it.
 RELEASED_CODE = "ByteDance/Ouro-1.4B"
 TRANSFORMERS_VERSION = "4.54.1"  # the release's model card asks for transformers < 4.56
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+RELEASED_DIR = "released-format directory"  # the kind of output (looplm_mega/outputs.py)
 
 
 def hf_config(config: LoopLMConfig, dtype: str, token_ids: Mapping[str, int]) -> dict:
@@ -79,9 +81,10 @@ def _shards(tensors: Mapping[str, TensorLike], dtype: torch.dtype, max_shard_byt
 
 def export_hf(tensors: Mapping[str, TensorLike], config: LoopLMConfig, output: str | Path, dtype: str = "bfloat16",
               tokenizer: Optional[str | Path] = None, eos_token: str = "<|endoftext|>",
-              max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write the released format to `output` (assembled under a temporary name); `tensors` are the
-    model's full tensors with the released names (lazy ones are read one at a time)."""
+              max_shard_bytes: int = 5 * 2**30, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Write the released format to `output` (assembled under a temporary name; an earlier export
+    replaced only with overwrite); `tensors` are the model's full tensors with the released names
+    (lazy ones are read one at a time), `inputs` the paths they come from."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     expected = 11 * config.num_hidden_layers + 4 + (0 if config.tie_word_embeddings else 1)
@@ -91,7 +94,8 @@ def export_hf(tensors: Mapping[str, TensorLike], config: LoopLMConfig, output: s
     token_ids = _token_ids(tokenizer, eos_token)
     cast = DTYPES[dtype]
     output = Path(output)
-    with staged_directory(output) as staging:
+    inputs = (*inputs, tokenizer) if tokenizer is not None else inputs
+    with staged_output_dir(output, RELEASED_DIR, inputs, overwrite) as staging:
         shards = _shards(tensors, cast, max_shard_bytes)
         files = [FULL] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                  for i in range(len(shards))]
@@ -131,12 +135,12 @@ def read_hf_config(hf_dir: str | Path) -> LoopLMConfig:
     return LoopLMConfig(**{k: fields[k] for k in RELEASED_FIELDS if k in fields})
 
 
-def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
+def import_hf(hf_dir: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """A released Ouro directory as a model directory (fp32 weights, for training), one tensor at a
     time; a run continues pretraining from it with training.init_from at any parallel layout."""
     config = read_hf_config(hf_dir)
     tensors = lazy_tensors(full_model_files(hf_dir))
-    with staged_directory(output) as staging:
+    with staged_output_dir(output, MODEL_DIR, [hf_dir], overwrite) as staging:
         write_tensors(staging / FULL, tensors, lambda name, t: t.float())
         write_config(staging, config)
     return Path(output)

@@ -11,20 +11,18 @@
 
 A split directory lets each rank of a run at that TP degree read only its own shard (memory
 bounded by the shard); any other degree reads the shards and re-splits them. Directories are
-assembled under a temporary name and renamed when complete.
+assembled under a temporary name and renamed when complete; an existing one is replaced only with
+overwrite=True, and only if it is a model directory (looplm_mega/outputs.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -32,11 +30,13 @@ from safetensors.torch import load_file
 
 from looplm_mega.config import load_yaml, save_yaml
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.outputs import staged_output_dir
 from looplm_mega.parallel.tensor_parallel import merge, padded_vocab_size, shard
 
 FULL = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 HF_INDEX = "model.safetensors.index.json"  # Hugging Face's sharded layout (released Ouro directories)
+MODEL_DIR = "model directory"  # the kind of output (looplm_mega/outputs.py)
 
 
 def shard_file(rank: int, tp: int) -> str:
@@ -61,12 +61,14 @@ def tensor_parallel_degree(model_dir: Path) -> int:
 
 def write_model_dir(output_dir: str | Path, state: Mapping[str, "TensorLike"], config: LoopLMConfig,
                     trainer_state: Optional[dict] = None, tp: int = 1,
-                    moments: Optional[Mapping[str, "TensorLike"]] = None) -> Path:
+                    moments: Optional[Mapping[str, "TensorLike"]] = None, *, overwrite: bool = False,
+                    inputs: tuple = ()) -> Path:
     """Write full tensors (released shapes) as one file, or split into `tp` shard files; Adam's
     moments, if given, as one file of full tensors (any TP degree shards them on loading). Values
     may be lazy (MergedTensor, DeepSpeed's GatheredTensor): they are read one at a time, so memory
-    stays at the largest tensor."""
-    with staged_directory(output_dir) as staging:
+    stays at the largest tensor. `inputs`: paths the tensors come from, which the output must not
+    be, hold or lie in."""
+    with staged_output_dir(output_dir, MODEL_DIR, inputs, overwrite) as staging:
         padded = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by) if tp > 1 else None
         for rank in range(tp):
             write_tensors(staging / (FULL if tp == 1 else shard_file(rank, tp)), state,
@@ -110,23 +112,6 @@ def write_tensors(path: Path, tensors: Mapping[str, "TensorLike"],
     with StreamingSafetensorsWriter(path, specs) as writer:
         for name, t in tensors.items():
             writer.add(name, transform(name, materialize(t)).to(out[name].dtype).contiguous())
-
-
-@contextlib.contextmanager
-def staged_directory(output_dir: str | Path) -> Iterator[Path]:
-    """A directory assembled under a temporary name next to `output_dir`, renamed to it when the
-    block completes (replacing an older one); removed if the block fails."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
 
 
 def write_config(model_dir: Path, config: LoopLMConfig, trainer_state: Optional[dict] = None) -> None:

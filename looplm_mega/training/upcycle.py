@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from looplm_mega.model.config import LoopLMConfig
+from looplm_mega.outputs import staged_output_dir
 from looplm_mega.training.hf_format import read_hf_config
 from looplm_mega.training.model_dir import (
-    FULL, OPTIMIZER_FILE, full_model_files, lazy_tensors, read_config, read_trainer_state, staged_directory, write_config,
+    FULL, MODEL_DIR, OPTIMIZER_FILE, full_model_files, lazy_tensors, read_config, read_trainer_state, write_config,
     write_tensors,
 )
 
@@ -67,8 +68,10 @@ def _grow(files: list[Path], output: Path, sources: list[int], num_layers: int) 
 
 
 def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal["stacked", "interleaved"] = "stacked",
-            keep_progress: bool = False, optimizer: Literal["reset", "carry"] = "reset") -> Path:
-    """Write the grown model to `output` (a model directory); returns it. With keep_progress the
+            keep_progress: bool = False, optimizer: Literal["reset", "carry"] = "reset", *,
+            overwrite: bool = False) -> Path:
+    """Write the grown model to `output` (a model directory; an existing one is replaced only with
+    overwrite, looplm_mega/outputs.py); returns it. With keep_progress the
     source's trainer state (step, consumed samples) is carried, so the run continues its count.
     optimizer="carry": Adam's moments (the source's optimizer.safetensors, from
     tools/convert_checkpoint.py --optimizer) are grown like the weights and kept with their step
@@ -79,7 +82,7 @@ def upcycle(source: str | Path, output: str | Path, factor: int, order: Literal[
     if optimizer == "carry" and not (source / OPTIMIZER_FILE).exists():
         raise FileNotFoundError(f"{source / OPTIMIZER_FILE}: missing, so the optimizer state cannot be carried; "
                                 "consolidate the checkpoint with its optimizer state (--optimizer carry reads it)")
-    with staged_directory(output) as staging:
+    with staged_output_dir(output, MODEL_DIR, [source], overwrite) as staging:
         _grow(full_model_files(source), staging / FULL, sources, config.num_hidden_layers)
         trainer_state = read_trainer_state(source) if keep_progress else None
         if optimizer == "carry":

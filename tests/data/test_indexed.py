@@ -3,6 +3,7 @@ import struct
 import numpy as np
 import pytest
 
+from looplm_mega.data import indexed
 from looplm_mega.data.indexed import (MAGIC, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
                                       token_dtype)
 
@@ -86,6 +87,13 @@ def _corrupt_idx(path, offset, data):
     (lambda idx, bin_: _corrupt_idx(idx, 34 + 12 * 3 + 8 * 3, struct.pack("<q", 2)), "d.idx", "document indices"),
     (lambda idx, bin_: _corrupt_idx(idx, 34 + 12 * 3 + 8 * 1, struct.pack("<q", 3)), "d.idx", "document indices"),
     (lambda idx, bin_: bin_.unlink(), "d.bin", "does not exist"),
+    # Entries in the middle (lengths 2, 1, 3; pointers 0, 4, 6): a negative length, a wrong pointer,
+    # and a length whose sum still matches the .bin size (the total alone cannot see it).
+    (lambda idx, bin_: _corrupt_idx(idx, 34 + 4, struct.pack("<i", -1)), "d.idx", "sequence 1 has length -1"),
+    (lambda idx, bin_: _corrupt_idx(idx, 34 + 12 + 8, struct.pack("<q", 2)), "d.idx",
+     "sequence 1 starts at byte 2 of the .bin, but the lengths before it put it at 4"),
+    (lambda idx, bin_: _corrupt_idx(idx, 34 + 4, struct.pack("<i", 2)), "d.idx",
+     "sequence 2 starts at byte 6 of the .bin, but the lengths before it put it at 8"),
 ])
 def test_damaged_files_raise_an_error_naming_the_file(tmp_path, damage, file, message):
     _write(tmp_path / "d", [[[1, 2]], [[3]], [[4, 5, 6]]])
@@ -94,6 +102,19 @@ def test_damaged_files_raise_an_error_naming_the_file(tmp_path, damage, file, me
     with pytest.raises(IndexedDatasetError, match=message) as error:
         IndexedDataset(tmp_path / "d")
     assert str(tmp_path / file) in str(error.value)
+
+
+def test_validation_in_chunks_finds_the_first_bad_entry_anywhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexed, "_COPY_ITEMS", 3)  # entries cross several chunks
+    _write(tmp_path / "d", [[[1, 2]], [[3]], [[4, 5]], [[6]], [[7, 8, 9]], [[10]], [[11]]])
+    IndexedDataset(tmp_path / "d")
+    _corrupt_idx(tmp_path / "d.idx", 34 + 7 * 4 + 3 * 8, struct.pack("<q", 99))  # the first entry of chunk 2
+    with pytest.raises(IndexedDatasetError, match="sequence 3 starts at byte 99 .* put it at 10"):
+        IndexedDataset(tmp_path / "d")
+    _write(tmp_path / "d", [[[1, 2]], [[3]], [[4, 5]], [[6]], [[7, 8, 9]], [[10]], [[11]]])
+    _corrupt_idx(tmp_path / "d.idx", 34 + 7 * 12 + 4 * 8, struct.pack("<q", 2))  # document 4 starts before 3
+    with pytest.raises(IndexedDatasetError, match=r"entry 4 \(2\) is below entry 3 \(3\)"):
+        IndexedDataset(tmp_path / "d")
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])

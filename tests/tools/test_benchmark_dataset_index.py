@@ -19,12 +19,15 @@ def test_tiny_benchmark_prints_the_table_and_writes_a_valid_sparse_dataset(tmp_p
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     done = _run("--num_tokens", "200000", "--seq_length", "128", "--mean_doc_tokens", "300",
-                "--blend_samples", "50000", "--reads", "50", "--workdir", str(work), "--output", str(out))
+                "--blend_samples", "50000", "--reads", "50", "--workdir", str(work), "--output", str(out), "--dense_bin")
     assert done.returncode == 0, done.stderr
-    assert "| step | time (s) | peak memory (MiB) | note |" in done.stdout
+    assert "| step | time (s) | CPU time (s) | peak memory (MiB) | note |" in done.stdout
     assert "| build indices (cold" in done.stdout and "| load cached indices" in done.stdout
+    assert "| open the dataset: validate every index entry" in done.stdout and "| token-id range: cached" in done.stdout
     result = json.loads(out.read_text())
-    assert [r["seconds"] > 0 for r in result["rows"]] == [True] * 4
+    assert [r["seconds"] > 0 for r in result["rows"]] == [True] * 7
+    low, high = result["token_id_range"]
+    assert 0 <= low < 100 and 49_900 < high < 50_000  # 200,000 random tokens below 50,000
     # The synthetic pair passes the reader's checks and holds exactly the asked-for tokens.
     dataset = IndexedDataset(work / "synthetic_text_document")
     assert dataset.num_tokens == 200_000 == result["num_tokens"]

@@ -43,7 +43,8 @@ def test_a_missing_shard_or_a_wrong_directory_is_named(whole, tmp_path):
     (tmp_path / "tp2" / "model-tp01-of-02.safetensors").unlink()
     done = convert("--model", tmp_path / "tp2", "--output", tmp_path / "out")
     assert done.returncode != 0 and "TP shards missing: model-tp01-of-02.safetensors" in done.stderr
-    done = convert("--model", tmp_path, "--output", tmp_path / "out")
+    (tmp_path / "notes").mkdir()
+    done = convert("--model", tmp_path / "notes", "--output", tmp_path / "out")
     assert done.returncode != 0 and "neither model.safetensors nor" in done.stderr
     assert not (tmp_path / "out").exists()
 

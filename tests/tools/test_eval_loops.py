@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from looplm_mega.model import LoopLM
+from looplm_mega.outputs import MARKER
 from looplm_mega.training.model_dir import write_model_dir
 
 from tests.data.synthetic_datasets import write_random_dataset
@@ -59,7 +60,7 @@ def test_writes_json_plots_and_a_table(inputs, tmp_path):
     for name in ("ce_per_loop.png", "exit_histogram.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary files left behind
-        "ce_per_loop.png", "eval_loops.json", "exit_histogram.png"]
+        MARKER, "ce_per_loop.png", "eval_loops.json", "exit_histogram.png"]
     table = done.stdout.splitlines()
     assert table[0].split()[:3] == ["step", "CE", "accuracy"] and table[4].split()[0] == "4"
     assert "eval" in done.stderr  # the progress bar

@@ -35,6 +35,11 @@ def test_batch_plan_and_token_budgets():
     ({"deepspeed": {"zero_stage": 2, "offload_param": True}}, "offload_param needs ZeRO stage 3"),
     ({"schedule": {"warmup_steps": 50}}, "warmup_steps=50 exceeds the 10 training steps"),
     ({"optimizer": {"lr": 1e-4, "min_lr": 1e-3}}, "min_lr"),
+    ({"data": {"seq_length": 4096}}, "data.seq_length=4096 exceeds model.max_position_embeddings=2048"),
+    ({"training": {"train_steps": None}, "curriculum": [
+        {"name": "short", "train_steps": 5},
+        {"name": "long", "train_steps": 5, "seq_length": 4096, "global_batch_tokens": 8192, "micro_batch_size": 1}]},
+     "curriculum stage 'long': seq_length=4096 exceeds model.max_position_embeddings=2048"),
 ])
 def test_errors_name_the_field(sections, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from looplm_mega.data.tokenizer import train_bpe_tokenizer
+from looplm_mega.outputs import MARKER
 from looplm_mega.training.hf_format import export_hf, import_hf
 from looplm_mega.training.model_dir import read_config, read_full_state
 
@@ -104,7 +105,7 @@ def test_export_writes_the_released_files_in_bf16(model, tmp_path):
     train_bpe_tokenizer(["def f(x):\n    return x\n"] * 20, 300, tokenizer)
     out = export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer=tokenizer)
     names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json"}
+             "special_tokens_map.json", MARKER}
     assert {p.name for p in out.iterdir()} == names
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "ouro" and config["architectures"] == ["OuroForCausalLM"]
