@@ -28,14 +28,21 @@ def main(argv=None) -> None:
 
     try:
         config = load_run_config(args.config, overrides)
-        config.check_data()  # every rank: a rank that stopped here alone would leave the others waiting
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    from looplm_mega.training.checkpoint import CheckpointError
+    from looplm_mega.training.trainer import pretrain  # after the config check: imports DeepSpeed
+
+    # The trainer checks the data (and what else it can) on every rank before any process group
+    # exists: a rank that stopped alone would leave the others waiting.
+    try:
+        pretrain(config)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except IndexedDatasetError as e:
         sys.exit(f"data error: {e}")
-    from looplm_mega.training.trainer import pretrain  # after the config check: imports DeepSpeed
-
-    pretrain(config)
+    except CheckpointError as e:
+        sys.exit(f"checkpoint error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,7 @@
+import contextlib
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,3 +44,17 @@ def write_tiny_model_and_tokenizer(root, total_ut_steps: int = 4):
     torch.manual_seed(0)
     write_model_dir(root / "model", LoopLM(config).state_dict(), config)
     return root / "model", root / "tokenizer.json"
+
+
+@contextlib.contextmanager
+def small_filesystem(point: Path, size: str):
+    """A filesystem of `size` (tmpfs, e.g. "1m") mounted at `point` for a disk-full test, or a skip
+    with the reason where mounting is not allowed (not root)."""
+    point.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)

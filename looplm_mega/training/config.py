@@ -14,6 +14,7 @@ Every field can be overridden from the command line: `--training.train_steps 50 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
@@ -52,6 +53,9 @@ class TrainingConfig:
     # run_dir holds no checkpoint yet: its weights, at any TP degree. With init_from_continues its
     # step and consumed samples too (a run continued at another parallel layout).
     init_from: Optional[str] = None
+    # The checkpoint of run_dir to resume from: the one `latest` names, a tag (step00001000) when
+    # `latest` is unusable, or none to start afresh (the run then writes over its old checkpoints).
+    resume_from: str = "latest"
     init_from_continues: bool = True
     # Adam's moments too, when the directory has them (optimizer.safetensors: convert_checkpoint.py
     # --optimizer, or upcycle.py --optimizer carry): the run continues as if never interrupted.
@@ -66,6 +70,9 @@ class TrainingConfig:
         if self.init_from is not None and not (Path(self.init_from) / "config.yaml").exists():
             raise ConfigError(f"training.init_from: {self.init_from}/config.yaml does not exist "
                               "(give a model directory written by tools/convert_checkpoint.py)")
+        if self.resume_from not in ("latest", "none") and not re.fullmatch(r"step\d{8}", self.resume_from):
+            raise ConfigError(f"training.resume_from={self.resume_from!r}: expected latest, none or a checkpoint tag "
+                              "such as step00001000")
         for name in ("global_batch_size", "global_batch_tokens", "train_steps", "train_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -21,7 +21,7 @@ import torch
 from looplm_mega.config import from_dict
 from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.outputs import check_output_dir
-from looplm_mega.training.checkpoint import latest_tag
+from looplm_mega.training.checkpoint import check_damage, damaged_files, resume_tag
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.model_dir import MODEL_DIR, MergedTensor, write_model_dir
 from looplm_mega.training.optimizer import consolidated_moments
@@ -85,13 +85,11 @@ def consolidate(checkpoint_dir: str | Path, output_dir: str | Path, tag: Optiona
     existing model directory there is replaced only with overwrite (looplm_mega/outputs.py)."""
     checkpoint_dir = Path(checkpoint_dir)
     check_output_dir(output_dir, MODEL_DIR, [checkpoint_dir], overwrite)  # before the shards are read
-    tag = tag or latest_tag(checkpoint_dir)
+    tag = resume_tag(checkpoint_dir, tag or "latest")  # complete, its files there with their sizes
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no 'latest' pointer; name a checkpoint with --tag")
-    state_file = checkpoint_dir / tag / "trainer_state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(f"{state_file}: missing; {checkpoint_dir / tag} is not a complete checkpoint")
-    trainer_state = json.loads(state_file.read_text())
+    check_damage(checkpoint_dir, tag, damaged_files(checkpoint_dir, tag))
+    trainer_state = json.loads((checkpoint_dir / tag / "trainer_state.json").read_text())
     # The live model's config (loops, RoPE base, layers of the stage it was in), where recorded.
     if "model" in trainer_state:
         model_config = from_dict(LoopLMConfig, trainer_state["model"])

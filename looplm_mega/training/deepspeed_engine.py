@@ -46,7 +46,7 @@ def deepspeed_config(config: RunConfig, micro_batch_size: int, gradient_accumula
 class DeepSpeedEngine(Engine):
     def __init__(self, model: LoopLM, param_groups: list[dict], config: RunConfig, parallel: ParallelState,
                  device: torch.device, micro_batch_size: int, micro_batches: int):
-        self.module, self.parallel, self.device = model, parallel, device
+        self.module, self.config, self.parallel, self.device = model, config, parallel, device
         self.tp = TensorParallel.from_state(parallel)
         self.ds, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups,
@@ -123,17 +123,32 @@ class DeepSpeedEngine(Engine):
     def skipped_steps(self) -> int:
         return self.ds.skipped_steps + self._skipped_by_us
 
-    def save(self, checkpoint_dir: Path, tag: str) -> None:
-        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    def save(self, checkpoint_dir: Path, tag: str) -> list[Path]:
+        # DeepSpeed writes every file through its checkpoint engine: recording the paths it is
+        # given tells which files this rank wrote.
+        written: list[Path] = []
+        checkpoint_engine = self.ds.checkpoint_engine
+        save = checkpoint_engine.save
+
+        def recording_save(state_dict, path, *args, **kwargs):
+            save(state_dict, path, *args, **kwargs)
+            written.append(Path(path))
+
+        checkpoint_engine.save = recording_save
+        try:
+            self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+        finally:
+            del checkpoint_engine.save  # the class's method again
+        return written
 
     def load(self, checkpoint_dir: Path, tag: str) -> None:
         loaded, _ = self.ds.load_checkpoint(str(checkpoint_dir), tag=tag)
         if loaded is None:
             raise RuntimeError(f"{Path(checkpoint_dir) / tag}: DeepSpeed could not load this checkpoint")
 
-    def layout(self) -> Layout:
-        p = self.parallel
-        return Layout(p.dp, p.tp, 1, self.zero_stage, self.tp.sequence_parallel)
+    @classmethod
+    def layout_for(cls, config: RunConfig, parallel: ParallelState) -> Layout:
+        return Layout(parallel.dp, parallel.tp, 1, config.deepspeed.resolved_zero_stage(), parallel.sequence_parallel)
 
     def close(self) -> None:
         self.ds.destroy()

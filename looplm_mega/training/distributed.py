@@ -31,6 +31,13 @@ def _environment_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (1 for a plain `python -m`), known before any
+    process group exists."""
+    _environment_from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> torch.device:
     """Join (or create) the default process group; returns this process's device."""
     _environment_from_slurm()

@@ -14,8 +14,10 @@ Rules every engine keeps:
   finite on any rank, the whole step is skipped on every rank (no update; the step's samples are
   consumed, not replayed) and StepMetrics.skipped says so. The trainer counts skipped steps and
   stops the run after training.max_nonfinite_steps of them in a row.
-- Checkpoints: `save` writes this rank's files into the checkpoint's directory and nothing else;
-  `load` reads them back, exactly (training/checkpoint.py owns directories, markers and `latest`).
+- Checkpoints: `save` writes this rank's files into the checkpoint's directory and nothing else,
+  and says which; `load` reads them back, exactly, at the layout they were written at
+  (training/checkpoint.py owns directories, manifests, `latest` and pruning; the trainer converts
+  a checkpoint of another layout).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 
 from looplm_mega.model import LoopLM
 from looplm_mega.model.losses import Objective
+from looplm_mega.parallel.state import ParallelState
+from looplm_mega.training.config import RunConfig
 from looplm_mega.training.metrics import StepMetrics
 
 
@@ -49,6 +53,8 @@ class Layout:
 class Engine(ABC):
     module: LoopLM  # this rank's model
     optimizer: torch.optim.Optimizer  # its param_groups are the parameter groups the trainer made
+    config: RunConfig
+    parallel: ParallelState
 
     @abstractmethod
     def configure(self, micro_batch_size: int, micro_batches: int, seq_length: int, objective: Objective) -> None:
@@ -65,16 +71,22 @@ class Engine(ABC):
         of a model replica), without gradients."""
 
     @abstractmethod
-    def save(self, checkpoint_dir: Path, tag: str) -> None:
-        """Write this rank's model and optimizer files into checkpoint_dir/tag."""
+    def save(self, checkpoint_dir: Path, tag: str) -> list[Path]:
+        """Write this rank's model and optimizer files into checkpoint_dir/tag; returns their paths
+        (the checkpoint's manifest lists them with their checksums)."""
 
     @abstractmethod
     def load(self, checkpoint_dir: Path, tag: str) -> None:
         """Read this rank's files of checkpoint_dir/tag back into the model and optimizer."""
 
+    @classmethod
     @abstractmethod
+    def layout_for(cls, config: RunConfig, parallel: ParallelState) -> Layout:
+        """The layout this engine runs a config at (known before it is built: a checkpoint written
+        at another one is converted first)."""
+
     def layout(self) -> Layout:
-        ...
+        return self.layout_for(self.config, self.parallel)
 
     @property
     @abstractmethod

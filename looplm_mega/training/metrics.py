@@ -128,6 +128,7 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _forget_steps_after(self.path, start_step)
         self._file = self.path.open("a", encoding="utf-8")
         # A metrics sink must never stop training: one that cannot start is reported and left out.
         if tensorboard:
@@ -141,8 +142,12 @@ class MetricsLogger:
             try:
                 import wandb as wandb_lib
 
-                self._wandb = wandb_lib.init(project=wandb.project, name=wandb.name, mode=wandb.mode,
-                                             dir=str(run_dir), config=config, resume="allow")
+                # One wandb run for the whole run directory, across restarts and requeues.
+                run_id = Path(run_dir) / "wandb_run_id"
+                if not run_id.exists():
+                    _write_atomically(run_id, wandb_lib.util.generate_id())
+                self._wandb = wandb_lib.init(project=wandb.project, name=wandb.name, mode=wandb.mode, dir=str(run_dir),
+                                             config=config, id=run_id.read_text().strip(), resume="allow")
             except Exception as e:
                 warnings.warn(f"wandb could not start ({e}); metrics go to the other sinks")
 
@@ -187,6 +192,30 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _forget_steps_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (the resumed one), which an attempt that was lost
+    after its last checkpoint logged: every step appears once, as after a clean run."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) != len(lines):
+        _write_atomically(path, "".join(kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped with the lost steps
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _flatten(metrics: dict) -> dict:

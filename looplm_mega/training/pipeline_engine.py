@@ -44,7 +44,7 @@ def optim_states_file(pp_rank: int, tp_rank: int, dp_rank: int) -> str:
 class PipelineEngine(Engine):
     def __init__(self, model: LoopLM, param_groups: list[dict], config: RunConfig, parallel: ParallelState,
                  device: torch.device, micro_batch_size: int = 1, micro_batches: int = 1):
-        self.module, self.parallel, self.device = model, parallel, device
+        self.module, self.config, self.parallel, self.device = model, config, parallel, device
         # bf16: autocast over fp32 weights (the residual stream between stages stays fp32).
         self.autocast_dtype = torch.bfloat16 if config.training.precision == "bf16" else None
         self.tp = TensorParallel.from_state(parallel)
@@ -76,9 +76,10 @@ class PipelineEngine(Engine):
             print(f"pipeline: interleaved 1F1B over {config.total_ut_steps * self.parallel.pp} virtual stages, "
                   f"{micro_batches} micro-batches, analytic bubble {self.pipeline.bubble_fraction:.1%}", flush=True)
 
-    def layout(self) -> Layout:
-        p = self.parallel
-        return Layout(p.dp, p.tp, p.pp, 1 if self.sharded_optimizer else 0, self.tp.sequence_parallel)
+    @classmethod
+    def layout_for(cls, config: RunConfig, parallel: ParallelState) -> Layout:
+        sharded = config.deepspeed.resolved_zero_stage() == 1 and parallel.dp > 1
+        return Layout(parallel.dp, parallel.tp, parallel.pp, 1 if sharded else 0, parallel.sequence_parallel)
 
     @property
     def skipped_steps(self) -> int:
@@ -158,13 +159,17 @@ class PipelineEngine(Engine):
                 offset += g.numel()
 
     # --- checkpoints ------------------------------------------------------------------------------
-    def save(self, checkpoint_dir: Path, tag: str) -> None:
+    def save(self, checkpoint_dir: Path, tag: str) -> list[Path]:
         p, path = self.parallel, Path(checkpoint_dir) / tag
         path.mkdir(parents=True, exist_ok=True)
+        written = []
         if p.dp_rank == 0:
-            torch.save({"module": self.module.state_dict()}, path / model_states_file(p.pp_rank, p.tp_rank))
+            written.append(path / model_states_file(p.pp_rank, p.tp_rank))
+            torch.save({"module": self.module.state_dict()}, written[-1])
         if p.dp_rank == 0 or self.sharded_optimizer:
-            torch.save(self._local_optimizer.state_dict(), path / optim_states_file(p.pp_rank, p.tp_rank, p.dp_rank))
+            written.append(path / optim_states_file(p.pp_rank, p.tp_rank, p.dp_rank))
+            torch.save(self._local_optimizer.state_dict(), written[-1])
+        return written
 
     def load(self, checkpoint_dir: Path, tag: str) -> None:
         p, path = self.parallel, Path(checkpoint_dir) / tag

@@ -5,8 +5,8 @@ one when it builds and knows nothing else about it."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import json
 import resource
 import tempfile
 import time
@@ -25,16 +25,17 @@ from looplm_mega.data.sampler import PretrainingSampler
 from looplm_mega.model import LoopLM, training_flops_per_token
 from looplm_mega.model.flops import device_peak_flops
 from looplm_mega.parallel.pipeline import build_pipeline_model
-from looplm_mega.parallel.state import initialize_parallel
+from looplm_mega.parallel.state import check_parallel_sizes, initialize_parallel
 from looplm_mega.parallel.tensor_parallel import TensorParallel
 from looplm_mega.training import stop_signals
-from looplm_mega.training.checkpoint import TrainerState, latest_tag, load_checkpoint, save_checkpoint, tag_of
+from looplm_mega.training.checkpoint import (TrainerState, latest_tag, load_checkpoint, resume_tag, save_checkpoint,
+                                             saved_layout, tag_of)
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.consolidate import consolidate
 from looplm_mega.training.curriculum import StageState
 from looplm_mega.training.deepspeed_engine import DeepSpeedEngine
-from looplm_mega.training.distributed import init_distributed, is_main
-from looplm_mega.training.engine import Engine
+from looplm_mega.training.distributed import init_distributed, is_main, launched_world_size
+from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import MetricsLogger, StepMetrics, ValidationMetrics
 from looplm_mega.training.model_dir import read_config, read_full_state, read_rank_state, read_trainer_state
 from looplm_mega.training.optimizer import load_moments, parameter_groups, read_moments
@@ -46,29 +47,41 @@ from looplm_mega.training.upcycle import upcycle
 class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
+        # What the config and the data can be checked for, on every rank before any process group
+        # or engine exists: such errors stop the run in seconds, with one message per rank.
+        config.check_batches(check_parallel_sizes(launched_world_size(), config.parallel.tp, config.parallel.pp))
+        config.check_data()
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.parallel = initialize_parallel(config.parallel.tp, config.parallel.pp, config.parallel.sequence_parallel)
         self.tensor_parallel = TensorParallel.from_state(self.parallel)
         self.data_parallel_size = self.parallel.dp
-        config.check_batches(self.data_parallel_size)
         self.curriculum = config.curriculum_plan()
         self.total_steps = self.curriculum.total_steps
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.init_state = None
+        self.engine_class = PipelineEngine if self.parallel.pp > 1 else DeepSpeedEngine
+        # The checkpoint to resume from, checked (on every rank alike) before any process group.
+        self.resume = resume_tag(self.checkpoint_dir, config.training.resume_from)
         # The layer count of the model to resume (an upcycled run's checkpoints hold more layers
         # than its config names), else of the model to start from, else of the config.
         model_config = config.model_config()
-        init_from = config.training.init_from if latest_tag(self.checkpoint_dir) is None else None
-        start_layers = self._saved_layers() or (read_config(init_from).num_hidden_layers if init_from else None)
+        init_from = config.training.init_from if self.resume is None else None
+        saved = read_trainer_state(self.checkpoint_dir / self.resume) if self.resume else None
+        start_layers = (saved or {}).get("model", {}).get("num_hidden_layers") or (
+            read_config(init_from).num_hidden_layers if init_from else None)
         if start_layers:
             model_config = model_config.replace(num_hidden_layers=start_layers)
+        self.init_state = None
         torch.manual_seed(config.training.seed)
-        self._build(model_config, init_from, config.training.init_from_optimizer)
-        saved = read_trainer_state(init_from) if init_from is not None else None
-        if config.training.init_from_continues and saved is not None and "state" in saved:
-            self.init_state = TrainerState.from_dict(saved["state"])
+        layout = saved_layout(self.checkpoint_dir, self.resume) if self.resume else None
+        if layout is not None and Layout(**layout) != self.engine_class.layout_for(config, self.parallel):
+            self._resume_at_another_layout(model_config, Layout(**layout))
+        else:
+            self._build(model_config, init_from, config.training.init_from_optimizer)
+            saved = read_trainer_state(init_from) if init_from is not None else None
+            if config.training.init_from_continues and saved is not None and "state" in saved:
+                self.init_state = TrainerState.from_dict(saved["state"])
         self.stage = None  # the curriculum stage in force (training/curriculum.py)
         self.grad_accum = 0  # micro-batches per rank in the current step
         self.state = TrainerState()
@@ -77,12 +90,26 @@ class Trainer:
         self.nonfinite_steps_in_a_row = 0
 
     # --- model and engine ---------------------------------------------------------------------
-    def _saved_layers(self) -> Optional[int]:
-        tag = latest_tag(self.checkpoint_dir)
-        if tag is None:
-            return None
-        saved = json.loads((self.checkpoint_dir / tag / "trainer_state.json").read_text())
-        return saved.get("model", {}).get("num_hidden_layers")
+    def _resume_at_another_layout(self, model_config, saved: Layout) -> None:
+        """The checkpoint to resume was written at another layout (nodes lost or added, another TP,
+        PP or ZeRO stage): it is consolidated, with Adam's moments, into a model directory, and the
+        run continues from it as from training.init_from: weights, moments, step and consumed
+        samples (and so the data order) as saved."""
+        tag, planned = self.resume, self.engine_class.layout_for(self.config, self.parallel)
+        # Rank 0 writes the model directory into a scratch folder of the run, removed once all have read it.
+        scratch_dir = tempfile.TemporaryDirectory(dir=self.run_dir, prefix=".converting-") if is_main() else None
+        with scratch_dir or contextlib.nullcontext() as scratch:
+            target = [str(Path(scratch) / "model") if scratch else None]
+            dist.broadcast_object_list(target, src=0)
+            if is_main():
+                print(f"checkpoint {tag} was written at {saved}; this run is {planned}: converting it (weights and "
+                      "Adam's moments) to continue at this layout", flush=True)
+                consolidate(self.checkpoint_dir, target[0], tag, optimizer=True)
+            dist.barrier()
+            self._build(model_config, target[0], moments=True)
+            self.init_state = TrainerState.from_dict(read_trainer_state(target[0])["state"])
+            dist.barrier()  # every rank has read it before rank 0 removes it
+        self.resume = None
 
     def _build(self, model_config, weights: Optional[str | Path], moments: bool = False) -> None:
         """This rank's model (its TP shard and pipeline part), its weights from a model directory if
@@ -99,8 +126,8 @@ class Trainer:
         groups = parameter_groups(model, config.optimizer.weight_decay, self.curriculum.frozen_in)
         first = self.curriculum.states[0]
         micro_batches = self.curriculum.batch_samples(0) // (first.micro_batch_size * self.data_parallel_size)
-        engine = PipelineEngine if self.parallel.pp > 1 else DeepSpeedEngine
-        self.engine: Engine = engine(model, groups, config, self.parallel, self.device, first.micro_batch_size, micro_batches)
+        self.engine: Engine = self.engine_class(model, groups, config, self.parallel, self.device, first.micro_batch_size,
+                                                micro_batches)
         saved = read_moments(weights) if moments and weights is not None else None
         if saved is not None:
             load_moments(self.engine, model, *saved)
@@ -137,11 +164,14 @@ class Trainer:
             print(f"stage {stage.name!r}: upcycling {self.model_config.num_hidden_layers} -> {stage.num_layers} layers "
                   f"({action.order}, optimizer {action.optimizer}) into {target}", flush=True)
             if tag is None:
-                upcycle(self.config.training.init_from, target, factor, action.order, optimizer=action.optimizer)
+                # overwrite: a run resumed at this boundary grows the model into the same place again.
+                upcycle(self.config.training.init_from, target, factor, action.order, optimizer=action.optimizer,
+                        overwrite=True)
             else:
                 with tempfile.TemporaryDirectory(dir=self.run_dir) as scratch:
                     consolidate(self.checkpoint_dir, Path(scratch) / "model", tag, optimizer=action.optimizer == "carry")
-                    upcycle(Path(scratch) / "model", target, factor, action.order, optimizer=action.optimizer)
+                    upcycle(Path(scratch) / "model", target, factor, action.order, optimizer=action.optimizer,
+                            overwrite=True)
         dist.barrier()
         self.engine.close()
         self.engine = None
@@ -191,9 +221,9 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> TrainerState:
         config, training = self.config, self.config.training
-        resumed = load_checkpoint(self.engine, self.checkpoint_dir)
-        if resumed is not None:
-            self.state = resumed
+        resumed = self.resume is not None
+        if resumed:
+            self.state = load_checkpoint(self.engine, self.checkpoint_dir, self.resume)
         elif self.init_state is not None:
             self.state = self.init_state
         logger = MetricsLogger(self.run_dir, self.total_steps, is_main(), config.wandb, to_dict(config), self.state.step,
@@ -332,9 +362,11 @@ class Trainer:
     def evaluate(self) -> Optional[ValidationMetrics]:
         """Validation CE of every loop on the validation split of the stage's data: eval_iters
         global batches, the same ones every time (None without a validation split)."""
-        stage, iters = self.stage, self.config.training.eval_iters
         if self.config.data.split_ratios[1] == 0:
             return None
+        if self.stage is None:  # resumed at the last step: nothing trained, the last stage's settings
+            self._enter_step(self.total_steps - 1)
+        stage, iters = self.stage, self.config.training.eval_iters
         per_rank = stage.micro_batch_size * self.data_parallel_size
         valid = self._dataset(stage, "valid", iters * self.grad_accum * per_rank)
         data = self._loader(valid, 0, stage.micro_batch_size)
