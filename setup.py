@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.62",
         "wandb>=0.15",
         "tensorboard>=2.14",  # the run's event files (torch.utils.tensorboard writes them)
+        "xxhash>=3",  # checksums of checkpoint files (training/checkpoint.py)
         "zstandard>=0.20",  # .jsonl.zst inputs of tools/preprocess_data.py
     ],
     extras_require={
