@@ -8,6 +8,7 @@ setup(
     description="Pretraining system for looped language models (Ouro / LoopLM) on DeepSpeed",
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["looplm_mega", "looplm_mega.*"]),
     include_package_data=True,
