@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.preprocess import PreprocessConfig, output_prefix, preprocess  # noqa: E402
 from looplm_mega.data.stdlib_corpus import stdlib_documents  # noqa: E402
 from looplm_mega.data.tokenizer import train_bpe_tokenizer  # noqa: E402
@@ -183,15 +184,15 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the corpus and tokenizer are kept")
     p.add_argument("--corpus-mb", type=float, default=200.0, help="size of the JSONL corpus")
-    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--vocab-size", type=int, default=32768, help="of the byte-level BPE tokenizer trained for it")
     p.add_argument("--tokenizer-sample-mb", type=float, default=10.0, help="text the tokenizer is trained on")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     p.add_argument("--repeats", type=int, default=1, help="runs per worker count; the best is reported")
-    p.add_argument("--batch-documents", type=int, default=PreprocessConfig.batch_documents)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-documents", type=int, default=PreprocessConfig.batch_documents, help="documents per encoding batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus's documents")
     p.add_argument("--output", type=Path, help="write the results as JSON here too")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

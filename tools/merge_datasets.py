@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
 from looplm_mega.data.preprocess import merge_datasets  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--inputs", nargs="+", required=True, help="prefixes of the datasets (name.bin / name.idx also accepted)")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--output-prefix", required=True, help="the merged dataset: OUTPUT_PREFIX.bin/.idx")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.config import ConfigError  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
 from looplm_mega.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
@@ -30,12 +31,11 @@ from looplm_mega.data.tokenizer import EOD_TOKEN  # noqa: E402
 
 def parse_args(argv=None) -> PreprocessConfig:
     defaults = PreprocessConfig(input=["-"], output_prefix="", tokenizer="")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (a dataset name with --input-format hf)")
     p.add_argument("--json-keys", nargs="+", default=defaults.json_keys, help="keys to tokenize, one output each")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a local Hugging Face tokenizer directory, or a hub name")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--output-prefix", required=True, help="outputs are OUTPUT_PREFIX_{key}_document.bin/.idx")
     p.add_argument("--workers", type=int, default=defaults.workers,
                    help="tokenizing processes, one core each (TOKENIZERS_PARALLELISM=true lets each use more)")
     p.add_argument("--partitions", type=int, default=defaults.partitions,
@@ -44,7 +44,8 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--eod-token", default=defaults.eod_token, help="the token --append-eod appends")
     p.add_argument("--log-interval", type=int, default=defaults.log_interval, help="documents between progress lines")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count bad records instead of stopping")
-    p.add_argument("--input-format", choices=get_args(InputFormat), default=defaults.input_format)
+    p.add_argument("--input-format", choices=get_args(InputFormat), default=defaults.input_format,
+                   help="auto: from each file's suffix (.jsonl/.json/.ndjson, .txt, .parquet, also .gz/.zst)")
     p.add_argument("--text-mode", choices=get_args(TextMode), default=defaults.text_mode,
                    help="plain text: one document per file or per line")
     p.add_argument("--hf-split", default=defaults.hf_split, help="split of a Hugging Face dataset")
