@@ -3,6 +3,7 @@
 
     python tools/merge_datasets.py --inputs data/a_text_document data/b_text_document \\
         --output-prefix data/ab_text_document
+    python tools/merge_datasets.py --input data/shards --output-prefix data/all_text_document
 
 Every input is validated, and must hold tokens of the same dtype, before anything is written;
 the output appears only when complete.
@@ -18,16 +19,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
-from looplm_mega.data.preprocess import merge_datasets  # noqa: E402
+from looplm_mega.data.preprocess import datasets_in, merge_datasets  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--inputs", nargs="+", required=True, help="prefixes of the datasets (name.bin / name.idx also accepted)")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--inputs", nargs="+", help="prefixes of the datasets (name.bin / name.idx also accepted)")
+    inputs.add_argument("--input", metavar="DIR", help="every .bin/.idx pair in DIR, in name order (Megatron-LM's flag)")
     p.add_argument("--output-prefix", required=True, help="the merged dataset: OUTPUT_PREFIX.bin/.idx")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
+        args.inputs = args.inputs or datasets_in(args.input)
         documents, tokens = merge_datasets(args.inputs, args.output_prefix)
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)

@@ -39,7 +39,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from looplm_mega.config import ConfigError
-from looplm_mega.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, token_dtype
+from looplm_mega.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, data_path, index_path,
+                                      token_dtype)
 from looplm_mega.data.readers import Document, DocumentReader, InputFormat, TextMode
 from looplm_mega.data.tokenizer import EOD_TOKEN, load_tokenizer
 
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 class PreprocessConfig:
     input: list[str]  # files, directories or globs; for input_format "hf" a dataset name or local data files
     output_prefix: str
-    tokenizer: str  # tokenizer.json, a local Hugging Face tokenizer directory, or a hub name
+    tokenizer: str  # tokenizer.json, a local Hugging Face tokenizer directory, or a hub name ...
+    merge_file: Optional[str] = None  # ... or a GPT-2 style vocab.json, with this merges.txt
     json_keys: list[str] = field(default_factory=lambda: ["text"])  # one output per key
     input_format: InputFormat = "auto"
     text_mode: TextMode = "file"  # plain text: one document per file, or one per line
@@ -312,7 +314,7 @@ def _preprocess_job(job: _Job) -> PreprocessSummary:
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Tokenize `config.input` into `{output_prefix}_{key}_document.bin/.idx` for each key."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer, config.merge_file)
     eod_id = None
     if config.append_eod:
         eod_id = tokenizer.token_to_id(config.eod_token)
@@ -399,6 +401,23 @@ def merge_datasets(inputs: Sequence[str | Path], output: str | Path) -> tuple[in
         for prefix in prefixes:
             writer.add_dataset(prefix)
     return writer.num_documents, writer.num_tokens
+
+
+def datasets_in(directory: str | Path) -> list[str]:
+    """The prefixes of the .bin/.idx pairs in `directory`, in the order of their names (as
+    Megatron-LM's merge_datasets.py --input); a .bin or .idx without its other half is an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IndexedDatasetError(f"{directory}: not a directory")
+    halves = sorted(p for p in directory.iterdir() if p.suffix in (".bin", ".idx") and p.is_file())
+    prefixes = sorted({str(p.with_suffix("")) for p in halves})
+    for prefix in prefixes:
+        for path in (data_path(prefix), index_path(prefix)):
+            if not path.is_file():
+                raise IndexedDatasetError(f"{path}: missing, but {directory} holds the other half of its pair")
+    if not prefixes:
+        raise IndexedDatasetError(f"{directory}: no .bin/.idx datasets in this directory")
+    return prefixes
 
 
 def _strip_extension(prefix: str | Path) -> str:

@@ -102,7 +102,8 @@ def test_text_lines_and_json_keys(tmp_path, tokenizer_path):
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "error: workers: must be at least 1"),
     (["--input-format", "text", "--json-keys", "a", "b"], "error: json_keys: plain text has one text per document"),
-    (["--tokenizer", "missing/tokenizer.json"], "missing/tokenizer.json: tokenizer file does not exist"),
+    (["--tokenizer", "missing/tokenizer.json"], "missing/tokenizer.json: tokenizer file or directory does not exist"),
+    (["--tokenizer", "./missing_tokenizer"], "./missing_tokenizer: tokenizer file or directory does not exist"),
 ])
 def test_bad_flags_give_a_clear_error(tmp_path, tokenizer_path, args, message):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
@@ -152,3 +153,40 @@ def test_ctrl_c_leaves_no_output(tmp_path, tokenizer_path, texts, workers):
         feeder.join(timeout=5)
     assert process.returncode == 130 and "interrupted: no output written" in stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_megatron_command_lines_run_unchanged(tmp_path, tokenizer_path, texts):
+    corpus = tmp_path / "corpus.json"  # Megatron's examples name their JSONL files .json
+    corpus.write_text(_lines(texts))
+    ours = _run("--input", corpus, "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "ours", "--append-eod")
+    assert ours.returncode == 0, ours.stderr
+    # GPT2BPETokenizer with a GPT-2 style vocab.json + merges.txt: the same tokenizer, the same bytes.
+    Tokenizer.from_file(str(tokenizer_path)).model.save(str(tmp_path))
+    gpt2 = _run("--input", corpus, "--output-prefix", tmp_path / "gpt2", "--vocab-file", tmp_path / "vocab.json",
+                "--tokenizer-type", "GPT2BPETokenizer", "--merge-file", tmp_path / "merges.txt", "--append-eod",
+                "--workers", "2", "--keep-sequential-samples")
+    assert gpt2.returncode == 0, gpt2.stderr
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"gpt2_text_document{suffix}").read_bytes() == (tmp_path / f"ours_text_document{suffix}").read_bytes()
+    # HuggingFaceTokenizer with a tokenizer directory: the EOD appended is its declared eos_token, as in Megatron.
+    model = tmp_path / "hf_tokenizer"
+    model.mkdir()
+    (model / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "!"}))
+    hf = _run("--input", corpus, "--output-prefix", tmp_path / "hf", "--tokenizer-type", "HuggingFaceTokenizer",
+              "--tokenizer-model", model, "--append-eod", "--workers", "1")
+    assert hf.returncode == 0, hf.stderr
+    eos = Tokenizer.from_file(str(tokenizer_path)).token_to_id("!")
+    assert _documents(tmp_path / "hf_text_document") == [d[:-1] + [eos] for d in _documents(tmp_path / "ours_text_document")]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --tokenizer, or Megatron's --tokenizer-type with its files"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer takes --tokenizer-model"),
+    (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json"], "GPT2BPETokenizer takes --vocab-file and --merge-file"),
+    (["--tokenizer-type", "SentencePieceTokenizer"], "invalid choice: 'SentencePieceTokenizer'"),
+])
+def test_megatron_tokenizer_flags_need_their_files(tmp_path, args, message):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    done = _run("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
