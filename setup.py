@@ -26,6 +26,9 @@ setup(
         "datasets>=2.14",  # Hugging Face dataset inputs of tools/preprocess_data.py
         "pyarrow>=12",  # Parquet inputs of tools/preprocess_data.py
         "safetensors>=0.4",
+        # 0.9: Encoding.encode_to_numpy; byte-level BPE preprocessing encodes through it where it
+        # verifiably gives the tokenizer's ids (looplm_mega/data/fast_bpe.py).
+        "tiktoken>=0.9",
         "pyyaml>=6",
         "tqdm>=4.62",
         "wandb>=0.15",

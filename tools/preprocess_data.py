@@ -55,6 +55,9 @@ def parse_args(argv=None) -> PreprocessConfig:
                    help="plain text: one document per file or per line")
     p.add_argument("--hf-split", default=defaults.hf_split, help="split of a Hugging Face dataset")
     p.add_argument("--batch-documents", type=int, default=defaults.batch_documents, help="documents per encoding batch")
+    p.add_argument("--no-fast-bpe", dest="fast_bpe", action="store_false",
+                   help="encode with the tokenizers library only, never tiktoken (which is used for byte-level BPE "
+                        "only where it gives the tokenizer's ids on a verification sample)")
     megatron = p.add_argument_group("Megatron-LM's tokenizer flags", "so that a Megatron-LM command line runs unchanged")
     megatron.add_argument("--tokenizer-type", choices=MEGATRON_TOKENIZER_TYPES,
                           help="HuggingFaceTokenizer: --tokenizer-model; GPT2BPETokenizer: --vocab-file and --merge-file")
@@ -69,7 +72,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         input=args.input, output_prefix=args.output_prefix, tokenizer=tokenizer, merge_file=merge_file,
         json_keys=args.json_keys, input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split,
         workers=args.workers, partitions=args.partitions, append_eod=args.append_eod, eod_token=eod_token,
-        skip_invalid=args.skip_invalid, batch_documents=args.batch_documents, log_interval=args.log_interval)
+        skip_invalid=args.skip_invalid, batch_documents=args.batch_documents, log_interval=args.log_interval,
+        fast_bpe=args.fast_bpe)
 
 
 def _tokenizer_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str | None, str]:
