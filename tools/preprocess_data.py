@@ -58,6 +58,8 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--no-fast-bpe", dest="fast_bpe", action="store_false",
                    help="encode with the tokenizers library only, never tiktoken (which is used for byte-level BPE "
                         "only where it gives the tokenizer's ids on a verification sample)")
+    p.add_argument("--verify-chars", type=int, default=defaults.verify_chars,
+                   help="characters at the head of the input encoded both ways to verify tiktoken")
     megatron = p.add_argument_group("Megatron-LM's tokenizer flags", "so that a Megatron-LM command line runs unchanged")
     megatron.add_argument("--tokenizer-type", choices=MEGATRON_TOKENIZER_TYPES,
                           help="HuggingFaceTokenizer: --tokenizer-model; GPT2BPETokenizer: --vocab-file and --merge-file")
@@ -73,7 +75,7 @@ def parse_args(argv=None) -> PreprocessConfig:
         json_keys=args.json_keys, input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split,
         workers=args.workers, partitions=args.partitions, append_eod=args.append_eod, eod_token=eod_token,
         skip_invalid=args.skip_invalid, batch_documents=args.batch_documents, log_interval=args.log_interval,
-        fast_bpe=args.fast_bpe)
+        fast_bpe=args.fast_bpe, verify_chars=args.verify_chars)
 
 
 def _tokenizer_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str | None, str]:

@@ -8,7 +8,7 @@ One pass, three stages that overlap:
 
 Byte-level BPE tokenizers encode through tiktoken (fast_bpe.py) when it gives exactly the
 tokenizer's ids on a verification sample, else through the `tokenizers` library's batch encoder.
-The sample is every token of the vocabulary, checked before the run, and the first VERIFY_CHARS
+The sample is every token of the vocabulary, checked before the run, and the first verify_chars
 characters of the input, which the main process encodes both ways (and writes as `tokenizers`
 gives them) before it hands the rest to tiktoken; so a stream is read once.
 
@@ -53,7 +53,6 @@ from looplm_mega.data.tokenizer import EOD_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-VERIFY_CHARS = 1_000_000  # characters at the head of each partition's input that verify tiktoken
 
 
 @dataclass
@@ -75,13 +74,14 @@ class PreprocessConfig:
     batch_chars: int = 4_000_000  # ... or fewer, when they are long
     log_interval: int = 100_000  # documents between progress lines
     fast_bpe: bool = True  # tiktoken for byte-level BPE where it verifiably gives the same ids
+    verify_chars: int = 1_000_000  # characters at the head of each partition's input that verify tiktoken
 
     def __post_init__(self) -> None:
         if isinstance(self.input, (str, Path)):
             self.input = [str(self.input)]
         if not self.input:
             raise ConfigError("input: no input given")
-        for name in ("workers", "partitions", "batch_documents", "batch_chars", "log_interval"):
+        for name in ("workers", "partitions", "batch_documents", "batch_chars", "log_interval", "verify_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not self.json_keys:
@@ -329,9 +329,11 @@ def _encoded_batches(job: _Job, tokenizer: Tokenizer, dtype: np.dtype, batches: 
     plain = BatchEncoder(tokenizer, dtype, job.eod_id)
     encoder = BatchEncoder(tokenizer, dtype, job.eod_id, fast_encoder(tokenizer)[0]) if job.fast_bpe else plain
     checked, start = 0, time.perf_counter()
-    while encoder is not plain and checked < VERIFY_CHARS:
+    while encoder is not plain and checked < job.config.verify_chars:
         batch = next(batches, None)
         if batch is None:
+            log.info("%sthe input ended within tiktoken's verification sample: encoded with the tokenizers library "
+                     "(tiktoken agreed on all of it)", job.label)
             return
         expected = [plain(texts) for texts in batch]
         for texts, (tokens, lengths) in zip(batch, expected):
