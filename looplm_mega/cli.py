@@ -1,9 +1,14 @@
 """What every command line of the project shares: a help page where each flag ends with its
-default."""
+default, SIGTERM turned into an exception so that `with` blocks clean up, and one line for an
+operating-system error."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
+from pathlib import Path
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -17,3 +22,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.required or action.default is None or "default" in text.lower():
             return text
         return super()._get_help_string(action)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process happens to be. A BaseException, as KeyboardInterrupt is:
+    no `except Exception` swallows it, and every `with` block on the way out runs its cleanup."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise Terminated in this process (and in processes forked from it, until they
+    set their own handler: a multiprocessing pool stops its workers with SIGTERM, so they must)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def os_error_message(error: OSError, output: str | Path) -> str:
+    """One line for an OSError of a tool that writes `output` (a file or a prefix of files)."""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {os.path.dirname(os.path.abspath(output))}"
+    if error.filename is None or error.strerror is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror[0].lower()}{error.strerror[1:]}"

@@ -1,11 +1,14 @@
-"""Every tool's --help says what each flag does and shows its default."""
+"""Command-line conventions: every tool's --help says what each flag does and shows its default; OS errors are one line."""
 
 import argparse
+import errno
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from looplm_mega.cli import os_error_message
 
 TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
 
@@ -40,3 +43,11 @@ def test_every_flag_has_help_and_shows_its_default(path, monkeypatch):
         if action.default not in (None, argparse.SUPPRESS) and not action.required:
             help_text = parser._get_formatter()._get_help_string(action) % {**vars(action), "prog": parser.prog}
             assert "default" in help_text.lower(), f"{path.name}: {name} does not show its default"
+
+
+def test_os_errors_are_one_line(tmp_path):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert os_error_message(full, tmp_path / "out" / "c") == f"no space left on the device holding {tmp_path / 'out'}"
+    denied = PermissionError(errno.EACCES, "Permission denied", "/data/c.bin.tmp")
+    assert os_error_message(denied, "/data/c") == "/data/c.bin.tmp: permission denied"
+    assert os_error_message(FileNotFoundError("tok.json: tokenizer file does not exist"), ".") == "tok.json: tokenizer file does not exist"

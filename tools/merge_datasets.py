@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from looplm_mega.cli import HelpFormatter  # noqa: E402
+from looplm_mega.cli import HelpFormatter, os_error_message  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
 from looplm_mega.data.preprocess import datasets_in, merge_datasets  # noqa: E402
 
@@ -38,6 +38,8 @@ def main(argv=None) -> None:
         sys.exit(130)
     except IndexedDatasetError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, an output that cannot be written
+        sys.exit(f"error: {os_error_message(e, args.output_prefix)}")
     print(f"merged {len(args.inputs)} datasets into {args.output_prefix}.bin/.idx: "
           f"{documents:,} documents, {tokens:,} tokens in {time.perf_counter() - start:.1f} s")
 

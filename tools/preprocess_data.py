@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from looplm_mega.cli import HelpFormatter  # noqa: E402
+from looplm_mega.cli import HelpFormatter, Terminated, os_error_message, raise_on_sigterm  # noqa: E402
 from looplm_mega.config import ConfigError  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetError  # noqa: E402
 from looplm_mega.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
@@ -49,6 +49,8 @@ def parse_args(argv=None) -> PreprocessConfig:
                    "HuggingFaceTokenizer the tokenizer's eos_token, as Megatron)")
     p.add_argument("--log-interval", type=int, default=defaults.log_interval, help="documents between progress lines")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count bad records instead of stopping")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write empty outputs when no document is left (else that is an error naming the counts)")
     p.add_argument("--input-format", choices=get_args(InputFormat), default=defaults.input_format,
                    help="auto: from each file's suffix (.jsonl/.json/.ndjson, .txt, .parquet, also .gz/.zst)")
     p.add_argument("--text-mode", choices=get_args(TextMode), default=defaults.text_mode,
@@ -74,7 +76,7 @@ def parse_args(argv=None) -> PreprocessConfig:
         input=args.input, output_prefix=args.output_prefix, tokenizer=tokenizer, merge_file=merge_file,
         json_keys=args.json_keys, input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split,
         workers=args.workers, partitions=args.partitions, append_eod=args.append_eod, eod_token=eod_token,
-        skip_invalid=args.skip_invalid, batch_documents=args.batch_documents, log_interval=args.log_interval,
+        skip_invalid=args.skip_invalid, allow_empty=args.allow_empty, batch_documents=args.batch_documents, log_interval=args.log_interval,
         fast_bpe=args.fast_bpe, verify_chars=args.verify_chars)
 
 
@@ -97,14 +99,21 @@ def _tokenizer_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    raise_on_sigterm()
+    config = None
     try:
         config = parse_args(argv)
         summary = preprocess(config)
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         sys.exit(130)  # the shell's code for death by SIGINT
-    except (ConfigError, InvalidInputError, IndexedDatasetError, FileNotFoundError, ConnectionError) as e:
+    except Terminated:
+        print("terminated: no output written", file=sys.stderr)
+        sys.exit(143)  # the shell's code for death by SIGTERM
+    except (ConfigError, InvalidInputError, IndexedDatasetError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a missing input or tokenizer, a full disk, an output that cannot be written
+        sys.exit(f"error: {os_error_message(e, config.output_prefix if config else '.')}")
     print(summary.format())
 
 

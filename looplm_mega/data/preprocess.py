@@ -48,7 +48,7 @@ from looplm_mega.config import ConfigError
 from looplm_mega.data.fast_bpe import FastEncoder, fast_encoder, first_mismatch, vocabulary_texts
 from looplm_mega.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, data_path, index_path,
                                       token_dtype)
-from looplm_mega.data.readers import Document, DocumentReader, InputFormat, TextMode
+from looplm_mega.data.readers import Document, DocumentReader, InputFormat, InvalidInputError, TextMode
 from looplm_mega.data.tokenizer import EOD_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class PreprocessConfig:
     append_eod: bool = False
     eod_token: str = EOD_TOKEN
     skip_invalid: bool = False
+    allow_empty: bool = False  # write empty outputs when no document is left, instead of failing
     batch_documents: int = 512  # documents per encoding batch ...
     batch_chars: int = 4_000_000  # ... or fewer, when they are long
     log_interval: int = 100_000  # documents between progress lines
@@ -165,6 +166,8 @@ def _init_worker(tokenizer_json: str, dtype: str, eod_id: Optional[int], fast: b
     # Ctrl-C reaches the whole process group: the parent handles it and terminates the pool;
     # workers that raised too would only print a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool stops its workers with SIGTERM: take its default action, whatever the parent set.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # see _one_thread_per_encoder
     global _worker_encoder
     tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -272,6 +275,7 @@ class _Job:
     eod_id: Optional[int]
     fast_bpe: bool  # tiktoken can express the tokenizer and agrees on its vocabulary; the input's head decides
     label: str = ""
+    partial: bool = False  # one partition of several: emptiness is judged on their sum
 
 
 class PartitionCancelled(RuntimeError):
@@ -316,8 +320,10 @@ def _preprocess_job(job: _Job) -> PreprocessSummary:
         progress.finish()
         summary.documents = writers[0].num_documents
         summary.tokens = {key: writer.num_tokens for key, writer in zip(keys, writers)}
+        summary.skipped = dict(reader.skipped)
+        if not job.partial:
+            check_not_empty(summary, config)  # before the writers finish: an empty run leaves nothing
     summary.input_bytes = reader.total_bytes
-    summary.skipped = dict(reader.skipped)
     summary.seconds = time.perf_counter() - progress.start
     return summary
 
@@ -384,7 +390,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                                        fast_bpe))
     else:
         jobs = [_Job(config, group, f"{config.output_prefix}_part{i}", max(1, config.workers // len(groups)),
-                     tokenizer.to_str(), eod_id, fast_bpe, label=f"[part {i + 1}/{len(groups)}] ")
+                     tokenizer.to_str(), eod_id, fast_bpe, label=f"[part {i + 1}/{len(groups)}] ", partial=True)
                 for i, group in enumerate(groups)]
         summary = _run_partitions(jobs, config)
     summary.seconds = time.perf_counter() - start
@@ -403,6 +409,14 @@ def _fast_bpe_possible(tokenizer: Tokenizer) -> bool:
         log.warning("encoding with the tokenizers library: tiktoken differs on a token of the vocabulary: %s", mismatch)
         return False
     return True
+
+
+def check_not_empty(summary: PreprocessSummary, config: PreprocessConfig) -> None:
+    """A run that leaves no document is an error (a wrong key, format or glob), unless allowed."""
+    if summary.documents == 0 and not config.allow_empty:
+        skipped = ", ".join(f"{reason} {count:,}" for reason, count in sorted(summary.skipped.items()) if count)
+        raise InvalidInputError(f"{', '.join(config.input[:3])}{' ...' if len(config.input) > 3 else ''}: no documents "
+                                f"to write (skipped: {skipped or 'none'}); nothing written (--allow-empty writes empty outputs)")
 
 
 def split_files(files: Sequence[Path], parts: int) -> list[list[Path]]:
@@ -432,6 +446,7 @@ def _run_partitions(jobs: list[_Job], config: PreprocessConfig) -> PreprocessSum
         summary = PreprocessSummary()
         for part in parts:
             summary.add(part)
+        check_not_empty(summary, config)
         for key in config.json_keys:
             summary.outputs[key] = output_prefix(config.output_prefix, key)
             log.info("merging %d partitions into %s", len(jobs), summary.outputs[key])
