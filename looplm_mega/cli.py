@@ -12,14 +12,16 @@ from pathlib import Path
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter that appends "(default: X)" to each flag's help, without the noise it
-    adds elsewhere: nothing for required flags or flags whose default is None (their help says what
-    leaving them out means), nor where the help already names its default. The description keeps
-    its line breaks (the tools' docstrings hold command examples)."""
+    """argparse's formatter that appends "(default: X)" to the help of each option that takes a
+    value, without the noise it adds elsewhere: nothing for switches (--flag alone: their default
+    is their absence, and a store_false one would read "default: True"), required options or
+    options whose default is None (their help says what leaving them out means), nor where the help
+    already names its default. The description keeps its line breaks (the tools' docstrings hold
+    command examples)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.required or action.default is None or "default" in text.lower():
+        if action.nargs == 0 or action.required or action.default is None or "default" in text.lower():
             return text
         return super()._get_help_string(action)
 

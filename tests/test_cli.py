@@ -40,7 +40,7 @@ def test_every_flag_has_help_and_shows_its_default(path, monkeypatch):
     for action in flags:
         name = "/".join(action.option_strings) or action.dest
         assert action.help, f"{path.name}: {name} has no help"
-        if action.default not in (None, argparse.SUPPRESS) and not action.required:
+        if action.default not in (None, argparse.SUPPRESS) and not action.required and action.nargs != 0:
             help_text = parser._get_formatter()._get_help_string(action) % {**vars(action), "prog": parser.prog}
             assert "default" in help_text.lower(), f"{path.name}: {name} does not show its default"
 
