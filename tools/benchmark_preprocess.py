@@ -65,7 +65,10 @@ def build_corpus(path: Path, target_bytes: int, seed: int = 0) -> None:
             for file_index, length, start_fraction in zip(files, lengths, starts):
                 text = sources[file_index]
                 first = text.find("\n", int(start_fraction * max(len(text) - length, 0))) + 1  # a line start
-                line = json.dumps({"text": text[first : first + length]}) + "\n"
+                window = text[first : first + length]
+                if window.isspace() or not window:  # kept by Megatron-LM, skipped by us: not comparable
+                    continue
+                line = json.dumps({"text": window}) + "\n"
                 f.write(line)
                 written += len(line)
                 if written >= target_bytes:

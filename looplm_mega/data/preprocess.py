@@ -54,7 +54,6 @@ from looplm_mega.data.tokenizer import EOD_TOKEN, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class PreprocessConfig:
     input: list[str]  # files, directories or globs; for input_format "hf" a dataset name or local data files
