@@ -8,6 +8,7 @@ setup(
     description="Pretraining system for looped language models (Ouro / LoopLM) on DeepSpeed",
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["looplm_mega", "looplm_mega.*"]),
     include_package_data=True,
@@ -25,6 +26,9 @@ setup(
         "datasets>=2.14",  # Hugging Face dataset inputs of tools/preprocess_data.py
         "pyarrow>=12",  # Parquet inputs of tools/preprocess_data.py
         "safetensors>=0.4",
+        # 0.9: Encoding.encode_to_numpy; byte-level BPE preprocessing encodes through it where it
+        # verifiably gives the tokenizer's ids (looplm_mega/data/fast_bpe.py).
+        "tiktoken>=0.9",
         "pyyaml>=6",
         "tqdm>=4.62",
         "wandb>=0.15",

@@ -3,7 +3,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from looplm_mega.config import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides, save_yaml
+from looplm_mega.config import (ConfigError, apply_overrides, field_comments, format_fields, from_dict, load_yaml,
+                                parse_overrides, save_yaml)
 
 
 @dataclass
@@ -61,3 +62,37 @@ def test_yaml_round_trip_and_errors_name_the_file(tmp_path):
     path.write_text("inner:\n  rate: fast\n")
     with pytest.raises(ConfigError, match=f"{path}: inner.rate: expected a number"):
         load_yaml(Outer, path)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'missing.yaml'}: no such file"):
+        load_yaml(Outer, tmp_path / "missing.yaml")
+
+
+@dataclass
+class Documented:
+    """A section with a docstring."""
+
+    # --- a heading, not a meaning ---
+    plain: int = 1
+    rate: float = 0.5  # on its line
+    # above it,
+    # on two lines
+    mode: Literal["a", "b"] = "a"
+    inner: Inner = field(default_factory=Inner)
+    items: list[Inner] = field(default_factory=list)  # a list of sections
+    need: Optional[str] = None
+
+
+def test_field_comments_read_the_comment_on_or_above_each_field():
+    assert field_comments(Documented) == {"rate": "on its line", "mode": "above it, on two lines",
+                                          "items": "a list of sections"}
+
+
+def test_format_fields_lists_every_field_with_type_default_and_meaning():
+    text = format_fields(Documented)
+    lines = text.splitlines()
+    assert "  --plain  int  (default: 1)" in lines
+    assert lines[lines.index("  --rate  float  (default: 0.5)") + 1].strip() == "on its line"
+    assert "  --mode  a | b  (default: a)" in lines
+    assert "  --need  str | null  (default: null)" in lines
+    assert "    --inner.rate  float  (default: 1.0)" in lines
+    assert "    items[].mode  a | b  (default: a)" in lines
+    assert "heading" not in text

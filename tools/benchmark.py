@@ -31,6 +31,7 @@ from typing import Literal, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict  # noqa: E402
 from looplm_mega.model import LoopLM, LoopLMConfig, training_flops_per_token  # noqa: E402
 from looplm_mega.model.flops import device_peak_flops  # noqa: E402
@@ -201,8 +202,9 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/benchmark/cpu.yaml"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/benchmark/cpu.yaml"),
+                        help="benchmark settings YAML (configs/benchmark/); --section.field VALUE flags override it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     if args.worker:

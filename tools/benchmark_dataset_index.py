@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.blended import build_blend_indices  # noqa: E402
 from looplm_mega.data.builder import build_datasets  # noqa: E402
 from looplm_mega.data.config import DataConfig  # noqa: E402
@@ -150,14 +151,14 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_tokens", type=float, default=1e9, help="dataset size in tokens (1e9)")
-    parser.add_argument("--seq_length", type=int, default=4096)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--num_tokens", type=float, default=1e9, help="dataset size in tokens")
+    parser.add_argument("--seq_length", type=int, default=4096, help="tokens per sample")
     parser.add_argument("--mean_doc_tokens", type=float, default=1000.0, help="mean document length")
     parser.add_argument("--epochs", type=float, default=1.0, help="samples asked of each split, in epochs")
     parser.add_argument("--reads", type=int, default=1000, help="random sample reads to time")
-    parser.add_argument("--blend_samples", type=float, default=1e7)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--blend_samples", type=float, default=1e7, help="samples of the 3-dataset blend schedule")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the document lengths, shuffles and reads")
     parser.add_argument("--dense_bin", action="store_true", help="write random tokens, not a sparse .bin")
     parser.add_argument("--workdir", help="folder for the synthetic dataset and cache (default: a temporary one)")
     parser.add_argument("--output", help="also write the results as JSON here")

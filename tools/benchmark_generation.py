@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.inference.exit_rules import ExitRule  # noqa: E402
 from looplm_mega.inference.generate import GenerationConfig, generate  # noqa: E402
 from looplm_mega.inference.loading import load_model  # noqa: E402
@@ -100,17 +101,17 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None, help="a model directory (default: --preset with random weights)")
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--preset", default="small", help="model preset (configs/model/) used without --model")
+    parser.add_argument("--batch", type=int, default=4, help="prompts decoded together")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per (random) prompt")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt")
     parser.add_argument("--q", type=float, default=0.5, help="Q-exit threshold of the q_exit variant")
     parser.add_argument("--static-step", type=int, default=0, help="loops of the static variant (default: T / 2)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per variant, after one warm-up round; the median is reported")
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations dtype")
     parser.add_argument("--output", default=None, help="write the results as JSON here too")
     args = parser.parse_args(argv)
     if min(args.batch, args.prompt_len, args.new_tokens, args.repeats) < 1:

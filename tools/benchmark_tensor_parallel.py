@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.config import parse_overrides  # noqa: E402
 from looplm_mega.model import LoopLM, LoopLMConfig  # noqa: E402
 from looplm_mega.parallel import comm  # noqa: E402
@@ -118,13 +119,14 @@ def measure_layout(args, layout: str) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--preset", default="small", help="model preset (configs/model/); --model.field VALUE flags change it")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
+    parser.add_argument("--batch-size", type=int, default=2, help="samples per step")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="layouts to measure (tp2_sp: TP=2 with sequence parallelism)")
     parser.add_argument("--output", default=None, help="write the results as JSON here too")
     args, rest = parser.parse_known_args(argv)
     args.model = parse_overrides(rest).get("model", {})  # --model.field value

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.outputs import OutputError, check_output_dir, exit_with  # noqa: E402
 from looplm_mega.training.consolidate import consolidate  # noqa: E402
 from looplm_mega.training.hf_format import DTYPES, RELEASED_DIR, export_hf, import_hf  # noqa: E402
@@ -42,7 +43,7 @@ from looplm_mega.training.optimizer import read_moments  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run's checkpoints/ directory")
     source.add_argument("--model", help="a model directory written by this tool")
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
     target.add_argument("--output", help="the model directory to write")
     target.add_argument("--to-hf", help="the released-format directory to write")
     parser.add_argument("--tag", default=None, help="checkpoint to convert (default: the latest)")
-    parser.add_argument("--tp", type=int, default=1, help="split the output into this many TP shards (default 1: whole)")
+    parser.add_argument("--tp", type=int, default=1, help="split the output into this many TP shards (1: whole)")
     parser.add_argument("--optimizer", action="store_true",
                         help="--checkpoint: also write Adam's moments (optimizer.safetensors) and step")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="--to-hf: tensor dtype")

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.builder import build_datasets  # noqa: E402
 from looplm_mega.data.config import SPLIT_NAMES, DataConfig  # noqa: E402
 from looplm_mega.data.gpt_dataset import collate_batch  # noqa: E402
@@ -39,25 +40,25 @@ KIND = "eval_loops result"  # the kind of output (looplm_mega/outputs.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True,
                    help="a model directory (tools/convert_checkpoint.py) or a released-format directory")
     p.add_argument("--data", required=True, action="append", help="dataset prefix (.bin/.idx); repeat to blend several")
-    p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-batches", type=int, default=10)
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    p.add_argument("--num-batches", type=int, default=10, help="batches evaluated")
     p.add_argument("--num-loops", type=int, default=None, help="loop steps T (default: the model's total_ut_steps)")
     p.add_argument("--exit-threshold", type=float, default=None,
                    help="q of the Q-exit, in [0, 1] (default: the model's early_exit_threshold)")
     p.add_argument("--output", required=True, help="folder for eval_loops.json and the plots")
     p.add_argument("--overwrite", action="store_true", help="replace an --output this tool wrote earlier")
-    p.add_argument("--split", default=DataConfig.split, help="train/valid/test document ratios (default %(default)s)")
+    p.add_argument("--split", default=DataConfig.split, help="train/valid/test document ratios")
     p.add_argument("--split-name", choices=SPLIT_NAMES, default="valid", help="which split to evaluate")
-    p.add_argument("--seed", type=int, default=DataConfig.seed, help="sample shuffle seed (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DataConfig.seed, help="sample shuffle seed")
     p.add_argument("--eod-token-id", type=int, default=None, help="also end a document after every EOD token")
     p.add_argument("--no-reset-attention-mask", action="store_true", help="attend across document boundaries")
     p.add_argument("--cache-dir", default=None, help="folder for the sample index caches (default: next to the data)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as stored)")
     args = p.parse_args(argv)
     for name in ("seq_length", "batch_size", "num_batches", "num_loops"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.tokenizer import load_tokenizer  # noqa: E402
 from looplm_mega.inference.exit_rules import EXIT_KINDS, ExitRule  # noqa: E402
 from looplm_mega.inference.generate import GenerationConfig  # noqa: E402
@@ -34,25 +35,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--model", required=True, help="a model directory (tools/convert_checkpoint.py) or a released-format directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
-    parser.add_argument("--prompt", action="append", default=[])
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     parser.add_argument("--prompts-file", default=None, help="one prompt per line")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens of this total probability")
     parser.add_argument("--stop", action="append", default=[], help="stop string (backslash escapes allowed: \\n)")
     parser.add_argument("--num-loops", type=int, default=None, help="loop count (default: the model's total_ut_steps)")
-    parser.add_argument("--kv-sharing", choices=SHARING_MODES, default="full")
-    parser.add_argument("--exit", choices=EXIT_KINDS, default="none")
-    parser.add_argument("--exit-loop", type=int, default=0)
-    parser.add_argument("--exit-threshold", type=float, default=1.0)
-    parser.add_argument("--exit-eps", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, the stored dtype on CPU")
+    parser.add_argument("--kv-sharing", choices=SHARING_MODES, default="full",
+                        help="full: a cache slot per loop and layer; last / mean: one per layer (1/T of the memory)")
+    parser.add_argument("--exit", choices=EXIT_KINDS, default="none", help="early-exit rule: skip the remaining loops of a token")
+    parser.add_argument("--exit-loop", type=int, default=0, help="--exit static: loops each token runs")
+    parser.add_argument("--exit-threshold", type=float, default=1.0, help="--exit q_exit: exit at the first loop whose exit CDF reaches q")
+    parser.add_argument("--exit-eps", type=float, default=0.0, help="--exit hidden_diff: exit when ||h_t - h_t-1|| < eps")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on CUDA, the stored dtype on CPU)")
     args = parser.parse_args(argv)
     if args.prompts_file:
         path = Path(args.prompts_file)

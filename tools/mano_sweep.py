@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.tasks.mano_train import ManoRun, append_row, sweep_grid, train_mano  # noqa: E402
 from looplm_mega.training.metrics import format_duration  # noqa: E402
 
@@ -46,25 +47,25 @@ def _list(kind, text: str) -> list:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--configs", type=lambda s: _list(str, s), default=["1x1", "1x3"],
                    help="model shapes LAYERSxLOOPS, comma-separated")
     p.add_argument("--L", dest="max_ops", type=lambda s: _list(int, s), default=[DEFAULTS.max_ops],
                    help="operators: training draws 1..L, the test uses exactly L")
     p.add_argument("--lrs", type=lambda s: _list(float, s), default=[DEFAULTS.lr], help="peak learning rates")
     p.add_argument("--steps", type=lambda s: _list(int, s), default=[DEFAULTS.steps], help="training steps")
-    p.add_argument("--seeds", type=lambda s: _list(int, s), default=[0, 1, 2])
+    p.add_argument("--seeds", type=lambda s: _list(int, s), default=[0, 1, 2], help="seeds, comma-separated (weights and training batches)")
     p.add_argument("--modulus", type=int, default=DEFAULTS.modulus, help="numbers mod this (the paper: 23)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--hidden-size", type=int, default=DEFAULTS.hidden_size)
-    p.add_argument("--num-heads", type=int, default=DEFAULTS.num_heads)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="examples per training step")
+    p.add_argument("--hidden-size", type=int, default=DEFAULTS.hidden_size, help="model width")
+    p.add_argument("--num-heads", type=int, default=DEFAULTS.num_heads, help="attention heads")
     p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 2 x hidden size)")
-    p.add_argument("--entropy-beta", type=float, default=DEFAULTS.entropy_beta)
-    p.add_argument("--sublayer-norm-init", type=float, default=DEFAULTS.sublayer_norm_init)
+    p.add_argument("--entropy-beta", type=float, default=DEFAULTS.entropy_beta, help="beta of the Stage I objective")
+    p.add_argument("--sublayer-norm-init", type=float, default=DEFAULTS.sublayer_norm_init,
+                   help="initial weight of the norms on the attention and MLP outputs")
     p.add_argument("--objective", choices=["stage1", "last"], default=DEFAULTS.objective,
                    help="stage1: Ouro's loss over every loop; last: the last loop's answer only")
-    p.add_argument("--test-size", type=int, default=DEFAULTS.test_size)
+    p.add_argument("--test-size", type=int, default=DEFAULTS.test_size, help="held-out examples at exactly L operators")
     p.add_argument("--out", default="runs/mano/results.csv", help="the CSV that rows are appended to")
     p.add_argument("--task-id", type=int, default=None, help="run only this entry of the grid (see --list)")
     p.add_argument("--list", action="store_true", help="print the grid with task ids and exit")

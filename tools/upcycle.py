@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.token_ids import check_token_ids  # noqa: E402
 from looplm_mega.model import LoopLM  # noqa: E402
 from looplm_mega.outputs import OutputError, check_output_dir, exit_with  # noqa: E402
@@ -58,19 +59,21 @@ def per_loop_ce(model_dir: Path, config, batches: list[torch.Tensor]) -> list[fl
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--factor", type=int, default=2)
-    parser.add_argument("--order", choices=["stacked", "interleaved"], default="stacked")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--source", required=True,
+                        help="a checkpoints/ directory, a model directory or a Hugging Face Ouro directory")
+    parser.add_argument("--output", required=True, help="the model directory to write")
+    parser.add_argument("--factor", type=int, default=2, help="the grown stack has this many times the layers")
+    parser.add_argument("--order", choices=["stacked", "interleaved"], default="stacked",
+                        help="stacked: the whole stack repeated (1 2 1 2); interleaved: each layer repeated (1 1 2 2)")
     parser.add_argument("--tag", default=None, help="checkpoint of a checkpoints/ directory (default: the latest)")
     parser.add_argument("--keep-progress", action="store_true", help="carry the step and consumed samples")
     parser.add_argument("--optimizer", choices=["reset", "carry"], default="reset",
                         help="carry: Adam's moments grown like the weights (from checkpoints, or a model directory "
                              "that has optimizer.safetensors); reset: the run starts them afresh")
     parser.add_argument("--check-data", default=None, help="a .bin/.idx prefix for the function check")
-    parser.add_argument("--check-batches", type=int, default=4)
-    parser.add_argument("--check-seq-length", type=int, default=128)
+    parser.add_argument("--check-batches", type=int, default=4, help="batches of the function check")
+    parser.add_argument("--check-seq-length", type=int, default=128, help="tokens per sample of the function check")
     parser.add_argument("--no-check", action="store_true", help="skip the function check (it loads both models)")
     parser.add_argument("--overwrite", action="store_true", help="replace a model directory written earlier")
     args = parser.parse_args(argv)

@@ -22,13 +22,13 @@ class DataConfig:
     # Train/valid/test ratios over the documents of every dataset, as Megatron's "969,30,1" (or
     # "969/30/1", or a list). Missing trailing parts are 0: "98,2" has no test split.
     split: Union[str, list[float]] = "969,30,1"
-    seq_length: int = 4096
-    seed: int = 1234
+    seq_length: int = 4096  # tokens per sample (each sample reads one more, for the labels)
+    seed: int = 1234  # the shuffle of documents and samples
     # Document masking: each sample carries segment ids (document index per token) so attention
     # stays within a document and positions restart. Documents are delimited by the index; with
     # eod_token_id set, a document also ends after every EOD token inside a stored document.
     reset_attention_mask: bool = True
-    eod_token_id: Optional[int] = None
+    eod_token_id: Optional[int] = None  # see reset_attention_mask
     # Where the .npy index caches go. None: an `index_cache` folder next to each dataset.
     cache_dir: Optional[str] = None
 

@@ -20,6 +20,7 @@ the index, and the index against the data, before use.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -163,7 +164,8 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         for f in (self._bin, self._lengths, self._docs):
-            f.close()
+            with contextlib.suppress(OSError):  # on a full disk, closing flushes and fails again
+                f.close()
         self._cleanup(include_outputs=True)
 
     def _cleanup(self, include_outputs: bool = False) -> None:
@@ -176,7 +178,11 @@ class IndexedDatasetWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.finalize()
+            try:
+                self.finalize()
+            except BaseException:  # a full disk while writing the index, a signal
+                self.abort()
+                raise
         else:
             self.abort()
 

@@ -3,8 +3,14 @@
 One pass, three stages that overlap:
 
     main process: read documents (readers.py) -> batches of texts
-    N workers:    tokenize a batch with the Rust batch encoder -> (flat token array, lengths)
+    N workers:    tokenize a batch -> (flat token array, lengths)
     main process: write the arrays in input order (IndexedDatasetWriter.add_documents)
+
+Byte-level BPE tokenizers encode through tiktoken (fast_bpe.py) when it gives exactly the
+tokenizer's ids on a verification sample, else through the `tokenizers` library's batch encoder.
+The sample is every token of the vocabulary, checked before the run, and the first verify_chars
+characters of the input, which the main process encodes both ways (and writes as `tokenizers`
+gives them) before it hands the rest to tiktoken; so a stream is read once.
 
 With workers=1 the encoding runs in the main process (no inter-process copies). Nothing holds
 more than a few batches at once, so inputs larger than memory stream through. With partitions=N
@@ -39,8 +45,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from looplm_mega.config import ConfigError
-from looplm_mega.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, token_dtype
-from looplm_mega.data.readers import Document, DocumentReader, InputFormat, TextMode
+from looplm_mega.data.fast_bpe import FastEncoder, fast_encoder, first_mismatch, vocabulary_texts
+from looplm_mega.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, data_path, index_path,
+                                      token_dtype)
+from looplm_mega.data.readers import Document, DocumentReader, InputFormat, InvalidInputError, TextMode
 from looplm_mega.data.tokenizer import EOD_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +58,8 @@ log = logging.getLogger(__name__)
 class PreprocessConfig:
     input: list[str]  # files, directories or globs; for input_format "hf" a dataset name or local data files
     output_prefix: str
-    tokenizer: str  # tokenizer.json, a local Hugging Face tokenizer directory, or a hub name
+    tokenizer: str  # tokenizer.json, a local Hugging Face tokenizer directory, or a hub name ...
+    merge_file: Optional[str] = None  # ... or a GPT-2 style vocab.json, with this merges.txt
     json_keys: list[str] = field(default_factory=lambda: ["text"])  # one output per key
     input_format: InputFormat = "auto"
     text_mode: TextMode = "file"  # plain text: one document per file, or one per line
@@ -60,16 +69,19 @@ class PreprocessConfig:
     append_eod: bool = False
     eod_token: str = EOD_TOKEN
     skip_invalid: bool = False
+    allow_empty: bool = False  # write empty outputs when no document is left, instead of failing
     batch_documents: int = 512  # documents per encoding batch ...
     batch_chars: int = 4_000_000  # ... or fewer, when they are long
     log_interval: int = 100_000  # documents between progress lines
+    fast_bpe: bool = True  # tiktoken for byte-level BPE where it verifiably gives the same ids
+    verify_chars: int = 1_000_000  # characters at the head of each partition's input that verify tiktoken
 
     def __post_init__(self) -> None:
         if isinstance(self.input, (str, Path)):
             self.input = [str(self.input)]
         if not self.input:
             raise ConfigError("input: no input given")
-        for name in ("workers", "partitions", "batch_documents", "batch_chars", "log_interval"):
+        for name in ("workers", "partitions", "batch_documents", "batch_chars", "log_interval", "verify_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not self.json_keys:
@@ -117,19 +129,27 @@ class PreprocessSummary:
 
 
 class BatchEncoder:
-    """Tokenizes a batch of texts into one flat token array and the length of each document."""
+    """Tokenizes a batch of texts into one flat token array and the length of each document,
+    through `fast` (a verified tiktoken encoder) when given, else the tokenizer's batch encoder."""
 
-    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, eod_id: Optional[int] = None):
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, eod_id: Optional[int] = None,
+                 fast: Optional[FastEncoder] = None):
         self.tokenizer = tokenizer
         self.dtype = np.dtype(dtype)
         self.eod_id = eod_id
+        self.fast = fast
         # encode_batch_fast (tokenizers >= 0.20) gives the same ids without computing offsets.
         self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids = [encoding.ids for encoding in self._encode(texts)]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
+        if self.fast is not None:
+            arrays = self.fast.encode(texts)
+            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+            tokens = np.concatenate(arrays).astype(self.dtype) if arrays else np.zeros(0, self.dtype)
+        else:
+            ids = [encoding.ids for encoding in self._encode(texts)]
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
         if self.eod_id is not None:
             tokens = np.insert(tokens, np.cumsum(lengths), self.eod_id)  # after the end of each document
             lengths += 1
@@ -141,13 +161,16 @@ class BatchEncoder:
 _worker_encoder: Optional[BatchEncoder] = None
 
 
-def _init_worker(tokenizer_json: str, dtype: str, eod_id: Optional[int]) -> None:
+def _init_worker(tokenizer_json: str, dtype: str, eod_id: Optional[int], fast: bool) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and terminates the pool;
     # workers that raised too would only print a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool stops its workers with SIGTERM: take its default action, whatever the parent set.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # see _one_thread_per_encoder
     global _worker_encoder
-    _worker_encoder = BatchEncoder(Tokenizer.from_str(tokenizer_json), np.dtype(dtype), eod_id)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker_encoder = BatchEncoder(tokenizer, np.dtype(dtype), eod_id, fast_encoder(tokenizer)[0] if fast else None)
 
 
 def _encode_in_worker(texts_per_key: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -249,7 +272,9 @@ class _Job:
     workers: int
     tokenizer_json: str
     eod_id: Optional[int]
+    fast_bpe: bool  # tiktoken can express the tokenizer and agrees on its vocabulary; the input's head decides
     label: str = ""
+    partial: bool = False  # one partition of several: emptiness is judged on their sum
 
 
 class PartitionCancelled(RuntimeError):
@@ -284,15 +309,8 @@ def _preprocess_job(job: _Job) -> PreprocessSummary:
     with ExitStack() as stack:
         # Writers first, so that they exit (finalize, or abort on an error) after the pool is gone.
         writers = [stack.enter_context(IndexedDatasetWriter(summary.outputs[key], dtype)) for key in keys]
-        if job.workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(
-                job.workers, initializer=_init_worker, initargs=(job.tokenizer_json, dtype.str, job.eod_id)))
-            encode = _encode_in_worker
-        else:
-            stack.enter_context(_one_thread_per_encoder())
-            pool, encoder = None, BatchEncoder(tokenizer, dtype, job.eod_id)
-            encode = lambda texts_per_key: [encoder(texts) for texts in texts_per_key]  # noqa: E731
-        for encoded in ordered_map(encode, batches(), pool, max_pending=2 * job.workers + 2):
+        stack.enter_context(_one_thread_per_encoder())
+        for encoded in _encoded_batches(job, tokenizer, dtype, batches(), stack):
             if _stop_event is not None and _stop_event.is_set():
                 raise PartitionCancelled(f"{job.label}stopped because another partition failed")
             for writer, (tokens, lengths) in zip(writers, encoded):
@@ -301,10 +319,47 @@ def _preprocess_job(job: _Job) -> PreprocessSummary:
         progress.finish()
         summary.documents = writers[0].num_documents
         summary.tokens = {key: writer.num_tokens for key, writer in zip(keys, writers)}
+        summary.skipped = dict(reader.skipped)
+        if not job.partial:
+            check_not_empty(summary, config)  # before the writers finish: an empty run leaves nothing
     summary.input_bytes = reader.total_bytes
-    summary.skipped = dict(reader.skipped)
     summary.seconds = time.perf_counter() - progress.start
     return summary
+
+
+def _encoded_batches(job: _Job, tokenizer: Tokenizer, dtype: np.dtype, batches: Iterator[list[list[str]]],
+                     stack: ExitStack) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """The batches encoded, in order: the head by the main process both ways (tiktoken must agree
+    with `tokenizers`), the rest by the workers (a pool entered into `stack`) or in-process."""
+    plain = BatchEncoder(tokenizer, dtype, job.eod_id)
+    encoder = BatchEncoder(tokenizer, dtype, job.eod_id, fast_encoder(tokenizer)[0]) if job.fast_bpe else plain
+    checked, start = 0, time.perf_counter()
+    while encoder is not plain and checked < job.config.verify_chars:
+        batch = next(batches, None)
+        if batch is None:
+            log.info("%sthe input ended within tiktoken's verification sample: encoded with the tokenizers library "
+                     "(tiktoken agreed on all of it)", job.label)
+            return
+        expected = [plain(texts) for texts in batch]
+        for texts, (tokens, lengths) in zip(batch, expected):
+            fast_tokens, fast_lengths = encoder(texts)
+            if not (np.array_equal(tokens, fast_tokens) and np.array_equal(lengths, fast_lengths)):
+                log.warning("%sencoding with the tokenizers library: tiktoken differs on the input's head: %s",
+                            job.label, first_mismatch(tokenizer, encoder.fast, texts))
+                encoder = plain
+                break
+            checked += sum(map(len, texts))
+        yield expected
+    if encoder is not plain:
+        log.info("%sencoding with tiktoken: the same ids as the tokenizer on the input's first %.1f MB of text "
+                 "(checked in %.1f s)", job.label, checked / 1e6, time.perf_counter() - start)
+    if job.workers > 1:
+        pool = stack.enter_context(multiprocessing.Pool(
+            job.workers, initializer=_init_worker,
+            initargs=(job.tokenizer_json, dtype.str, job.eod_id, encoder is not plain)))
+        yield from ordered_map(_encode_in_worker, batches, pool, max_pending=2 * job.workers + 2)
+    else:
+        yield from ([encoder(texts) for texts in batch] for batch in batches)
 
 
 # -- the whole run -------------------------------------------------------------------------------
@@ -312,7 +367,7 @@ def _preprocess_job(job: _Job) -> PreprocessSummary:
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Tokenize `config.input` into `{output_prefix}_{key}_document.bin/.idx` for each key."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer, config.merge_file)
     eod_id = None
     if config.append_eod:
         eod_id = tokenizer.token_to_id(config.eod_token)
@@ -328,14 +383,39 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         groups = [[str(f) for f in group] for group in split_files(files, config.partitions)]
         log.info("%d input files, %.1f MB%s", len(files), sum(f.stat().st_size for f in files) / 1e6,
                  f", in {len(groups)} partitions" if len(groups) > 1 else "")
+    fast_bpe = config.fast_bpe and _fast_bpe_possible(tokenizer)
     if len(groups) == 1:
-        summary = _preprocess_job(_Job(config, groups[0], config.output_prefix, config.workers, tokenizer.to_str(), eod_id))
+        summary = _preprocess_job(_Job(config, groups[0], config.output_prefix, config.workers, tokenizer.to_str(), eod_id,
+                                       fast_bpe))
     else:
         jobs = [_Job(config, group, f"{config.output_prefix}_part{i}", max(1, config.workers // len(groups)),
-                     tokenizer.to_str(), eod_id, label=f"[part {i + 1}/{len(groups)}] ") for i, group in enumerate(groups)]
+                     tokenizer.to_str(), eod_id, fast_bpe, label=f"[part {i + 1}/{len(groups)}] ", partial=True)
+                for i, group in enumerate(groups)]
         summary = _run_partitions(jobs, config)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _fast_bpe_possible(tokenizer: Tokenizer) -> bool:
+    """Whether tiktoken can encode for `tokenizer` (fast_bpe.py): a shape it can express, and the
+    same ids for every token of the vocabulary. The head of the input is checked as it is read."""
+    encoder, reason = fast_encoder(tokenizer)
+    if encoder is None:
+        log.info("encoding with the tokenizers library: %s", reason)
+        return False
+    mismatch = first_mismatch(tokenizer, encoder, vocabulary_texts(tokenizer))
+    if mismatch:
+        log.warning("encoding with the tokenizers library: tiktoken differs on a token of the vocabulary: %s", mismatch)
+        return False
+    return True
+
+
+def check_not_empty(summary: PreprocessSummary, config: PreprocessConfig) -> None:
+    """A run that leaves no document is an error (a wrong key, format or glob), unless allowed."""
+    if summary.documents == 0 and not config.allow_empty:
+        skipped = ", ".join(f"{reason} {count:,}" for reason, count in sorted(summary.skipped.items()) if count)
+        raise InvalidInputError(f"{', '.join(config.input[:3])}{' ...' if len(config.input) > 3 else ''}: no documents "
+                                f"to write (skipped: {skipped or 'none'}); nothing written (--allow-empty writes empty outputs)")
 
 
 def split_files(files: Sequence[Path], parts: int) -> list[list[Path]]:
@@ -365,6 +445,7 @@ def _run_partitions(jobs: list[_Job], config: PreprocessConfig) -> PreprocessSum
         summary = PreprocessSummary()
         for part in parts:
             summary.add(part)
+        check_not_empty(summary, config)
         for key in config.json_keys:
             summary.outputs[key] = output_prefix(config.output_prefix, key)
             log.info("merging %d partitions into %s", len(jobs), summary.outputs[key])
@@ -399,6 +480,23 @@ def merge_datasets(inputs: Sequence[str | Path], output: str | Path) -> tuple[in
         for prefix in prefixes:
             writer.add_dataset(prefix)
     return writer.num_documents, writer.num_tokens
+
+
+def datasets_in(directory: str | Path) -> list[str]:
+    """The prefixes of the .bin/.idx pairs in `directory`, in the order of their names (as
+    Megatron-LM's merge_datasets.py --input); a .bin or .idx without its other half is an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IndexedDatasetError(f"{directory}: not a directory")
+    halves = sorted(p for p in directory.iterdir() if p.suffix in (".bin", ".idx") and p.is_file())
+    prefixes = sorted({str(p.with_suffix("")) for p in halves})
+    for prefix in prefixes:
+        for path in (data_path(prefix), index_path(prefix)):
+            if not path.is_file():
+                raise IndexedDatasetError(f"{path}: missing, but {directory} holds the other half of its pair")
+    if not prefixes:
+        raise IndexedDatasetError(f"{directory}: no .bin/.idx datasets in this directory")
+    return prefixes
 
 
 def _strip_extension(prefix: str | Path) -> str:

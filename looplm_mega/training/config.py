@@ -30,19 +30,18 @@ from looplm_mega.parallel.tensor_parallel import check_tensor_parallel
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 1  # samples per device per forward
-    # The global batch, in samples or in tokens (tokens / seq_length samples): set exactly one.
-    global_batch_size: Optional[int] = None
-    global_batch_tokens: Optional[int] = None
-    # The run's length, in optimizer steps or in tokens: set exactly one.
-    train_steps: Optional[int] = None
-    train_tokens: Optional[int] = None
-    precision: Literal["fp32", "bf16"] = "fp32"
-    objective: Objective = "stage1"  # stage1: LM and gate (Ouro's Stage I); stage2: the gate alone
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 0  # 0: only at the end
+    global_batch_size: Optional[int] = None  # samples per optimizer step (set this or global_batch_tokens)
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step, a multiple of data.seq_length
+    train_steps: Optional[int] = None  # the run's length in optimizer steps (or set train_tokens)
+    train_tokens: Optional[int] = None  # the run's length in tokens (or set train_steps)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: DeepSpeed's bf16 mode
+    # stage1: LM and exit gate trained together (Ouro's Stage I); stage2: the gate alone
+    objective: Objective = "stage1"
+    seed: int = 1234  # initial weights (the data order has data.seed)
+    log_interval: int = 10  # steps between metric lines
+    eval_interval: int = 0  # steps between validations; 0: only at the end
     eval_iters: int = 10  # validation iterations of one global batch each (Megatron's --eval-iters)
-    save_interval: int = 0  # 0: only at the end
+    save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     # Stop after this many micro-batches with a non-finite loss, or steps with a non-finite
     # gradient, in a row (each one alone is skipped).
@@ -53,10 +52,10 @@ class TrainingConfig:
     # run_dir holds no checkpoint yet: its weights, at any TP degree. With init_from_continues its
     # step and consumed samples too (a run continued at another parallel layout).
     init_from: Optional[str] = None
-    # The checkpoint of run_dir to resume from: the one `latest` names, a tag (step00001000) when
-    # `latest` is unusable, or none to start afresh (the run then writes over its old checkpoints).
+    init_from_continues: bool = True  # with init_from: continue its step count and data position
+    # The checkpoint of run_dir to resume from: latest, a tag (step00001000) when `latest` is
+    # unusable, or none to start afresh (the run then writes over its old checkpoints).
     resume_from: str = "latest"
-    init_from_continues: bool = True
     # Adam's moments too, when the directory has them (optimizer.safetensors: convert_checkpoint.py
     # --optimizer, or upcycle.py --optimizer carry): the run continues as if never interrupted.
     init_from_optimizer: bool = True
@@ -81,12 +80,12 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr: float = 3e-5  # where the schedule's decay ends
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2)
+    eps: float = 1e-8  # AdamW's epsilon
     weight_decay: float = 0.1  # not applied to norms, biases and the exit gate
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm clip (0: none)
 
     def __post_init__(self):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -97,8 +96,8 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["constant", "cosine", "wsd"] = "cosine"
-    warmup_steps: int = 0
+    kind: Literal["constant", "cosine", "wsd"] = "cosine"  # wsd: warmup, stable, decay
+    warmup_steps: int = 0  # linear warmup from 0 to lr
     decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
 
     def __post_init__(self):
@@ -146,9 +145,9 @@ class BatchRamp:
     in tokens): start_tokens, then increment_tokens more every ramp_tokens / increments tokens
     consumed, until the stage's global_batch_tokens."""
 
-    start_tokens: int
-    increment_tokens: int
-    ramp_tokens: int
+    start_tokens: int  # the global batch at the stage's start, in tokens
+    increment_tokens: int  # how much it grows at each increment
+    ramp_tokens: int  # tokens consumed until the batch reaches the stage's global_batch_tokens
 
     def __post_init__(self):
         for name in ("start_tokens", "increment_tokens", "ramp_tokens"):
@@ -160,8 +159,8 @@ class BatchRamp:
 class StageData:
     """A stage's data blend: dataset prefixes and weights, as in the run's `data` section."""
 
-    prefixes: list[str]
-    weights: Optional[list[float]] = None
+    prefixes: list[str]  # dataset prefixes, as data.prefixes
+    weights: Optional[list[float]] = None  # blend weights, as data.weights
 
 
 @dataclass
@@ -170,7 +169,8 @@ class UpcycleAction:
     nothing happens when the live model already has them (a run resumed or started from an
     upcycled model)."""
 
-    to_layers: int
+    to_layers: int  # layers of the grown stack, a multiple of the current number
+    # stacked: the whole stack repeated (1 2 1 2); interleaved: each layer repeated (1 1 2 2)
     order: Literal["stacked", "interleaved"] = "stacked"
     optimizer: Literal["reset", "carry"] = "reset"  # carry: Adam's moments grown like the weights
 
@@ -179,18 +179,18 @@ class UpcycleAction:
 class StageConfig:
     """One stage of a curriculum (training/curriculum.py); a field left out keeps the value in force."""
 
-    name: str
-    train_steps: Optional[int] = None  # the stage's length: exactly one of the two
-    train_tokens: Optional[int] = None
+    name: str  # the stage's name in logs, metrics and checkpoints
+    train_steps: Optional[int] = None  # the stage's length in steps (or set train_tokens)
+    train_tokens: Optional[int] = None  # the stage's length in tokens (or set train_steps)
     loops: Optional[int] = None  # total_ut_steps from this stage on
-    entropy_beta: Optional[float] = None
-    rope_theta: Optional[float] = None
+    entropy_beta: Optional[float] = None  # beta of the Stage I objective from this stage on
+    rope_theta: Optional[float] = None  # RoPE base from this stage on
     # 0: switch at the boundary; else move geometrically from the old base over this many steps,
     # or over the steps that read rope_anneal_tokens tokens (set at most one of the two).
     rope_anneal_steps: int = 0
-    rope_anneal_tokens: Optional[int] = None
-    lr: Optional[float] = None
-    min_lr: Optional[float] = None
+    rope_anneal_tokens: Optional[int] = None  # the annealing's span in tokens (instead of rope_anneal_steps)
+    lr: Optional[float] = None  # this stage's peak learning rate
+    min_lr: Optional[float] = None  # this stage's final learning rate
     schedule: Optional[ScheduleConfig] = None  # this stage's LR schedule (None: the run's `schedule`)
     # stage1: LM and gate (Ouro's Stage I); stage2: the gate alone with the adaptive loss, every
     # other parameter frozen. None: the objective in force (training.objective for the first stage).
@@ -200,10 +200,10 @@ class StageConfig:
     # A new sequence length rebuilds the data indices; the batch stays global_batch_tokens tokens.
     seq_length: Optional[int] = None
     micro_batch_size: Optional[int] = None  # longer sequences usually need a smaller one
-    global_batch_tokens: Optional[int] = None
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step from this stage on
     batch_ramp: Optional[BatchRamp] = None  # this stage's batch grows to global_batch_tokens
     data: Optional[StageData] = None  # a new blend from this stage on
-    upcycle: Optional[UpcycleAction] = None
+    upcycle: Optional[UpcycleAction] = None  # grow the layer stack at the stage's start
 
     def __post_init__(self):
         where = f"curriculum stage {self.name!r}"
@@ -242,23 +242,23 @@ class ParallelConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "looplm-mega"
-    name: Optional[str] = None
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline: sync later with `wandb sync`
+    project: str = "looplm-mega"  # the Weights & Biases project
+    name: Optional[str] = None  # the run's name (None: wandb picks one)
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    data: DataConfig
-    run_dir: str = "runs/default"
+    data: DataConfig  # what the run reads
+    run_dir: str = "runs/default"  # checkpoints and metrics go here
     # A preset name or YAML path under `preset`, plus any LoopLMConfig field to override.
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(global_batch_size=1, train_steps=1))
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(global_batch_size=1, train_steps=1))  # batch, length, precision, intervals
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the learning-rate schedule
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # ZeRO stage, offload, a DeepSpeed JSON
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases logging
     tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard, beside metrics.jsonl
     # Ordered stages that change loops, entropy weight, RoPE base, LR schedule, sequence length,
     # batch, data blend, objective or layer count on the live run (training/curriculum.py); the

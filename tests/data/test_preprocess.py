@@ -6,6 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from looplm_mega.config import ConfigError, from_dict
+from looplm_mega.data.fast_bpe import fast_encoder
 from looplm_mega.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 from looplm_mega.data.preprocess import (BatchEncoder, PreprocessConfig, batch_texts, merge_datasets, ordered_map,
                                          output_prefix, preprocess, split_files)
@@ -240,3 +241,37 @@ def test_merge_datasets_checks_dtypes_before_writing(tmp_path):
     with pytest.raises(IndexedDatasetError, match=f"{tmp_path / 'c'}.idx: tokens of dtype int32, but .*a.idx holds uint16"):
         merge_datasets([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")
     assert not list(tmp_path.glob("ac*"))
+
+
+def test_tiktoken_path_writes_the_bytes_of_the_tokenizers_path(tmp_path, tokenizer_path, texts, caplog):
+    corpus = _jsonl(tmp_path / "c.jsonl", texts * 40)  # past the verified head
+    outputs = {}
+    for fast_bpe, workers in ((False, 1), (True, 1), (True, 2)):
+        config = _config(tmp_path / f"{fast_bpe}{workers}", tokenizer_path, [corpus], append_eod=True, workers=workers,
+                         fast_bpe=fast_bpe, batch_documents=16)
+        with caplog.at_level("INFO", logger="looplm_mega.data.preprocess"):
+            preprocess(config)
+        assert ("encoding with tiktoken" in caplog.text) == fast_bpe
+        caplog.clear()
+        prefix = output_prefix(config.output_prefix, "text")
+        outputs[fast_bpe, workers] = [open(f"{prefix}{s}", "rb").read() for s in (".bin", ".idx")]
+    assert outputs[False, 1] == outputs[True, 1] == outputs[True, 2]
+
+
+def test_tiktoken_that_differs_on_the_input_head_is_dropped(tmp_path, tokenizer_path, texts, monkeypatch, caplog):
+    import looplm_mega.data.preprocess as module
+
+    class Wrong:  # a fast encoder that gets one document of the head wrong
+        def __init__(self, encoder):
+            self.encoder, self.added_tokens = encoder, encoder.added_tokens
+
+        def encode(self, batch):
+            return [array[:-1] if text == texts[3] else array for text, array in zip(batch, self.encoder.encode(batch))]
+
+    monkeypatch.setattr(module, "fast_encoder", lambda tokenizer: (Wrong(fast_encoder(tokenizer)[0]), ""))
+    config = _config(tmp_path, tokenizer_path, [_jsonl(tmp_path / "c.jsonl", texts)], batch_documents=2)
+    with caplog.at_level("INFO", logger="looplm_mega.data.preprocess"):
+        preprocess(config)
+    assert "tiktoken differs on the input's head" in caplog.text and "encoding with tiktoken" not in caplog.text
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    assert _documents(output_prefix(config.output_prefix, "text")) == [tokenizer.encode(t).ids for t in texts]

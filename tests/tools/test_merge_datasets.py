@@ -54,3 +54,17 @@ def test_missing_or_damaged_input_names_the_file(tmp_path):
     done = _run("--inputs", tmp_path / "a", "--output-prefix", tmp_path / "out")
     assert done.returncode == 1 and f"{tmp_path / 'a'}.bin: 1 bytes" in done.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+def test_megatron_input_directory_merges_every_pair_in_name_order(tmp_path):
+    shards = tmp_path / "shards"
+    _write(shards / "b", [[4, 5]])
+    _write(shards / "a", [[1], [2, 3]])
+    (shards / "notes.txt").write_text("not a dataset")
+    done = _run("--input", shards, "--output-prefix", tmp_path / "merged")  # Megatron-LM's command line
+    assert done.returncode == 0, done.stderr
+    assert _documents(tmp_path / "merged") == [[1], [2, 3], [4, 5]]
+    (shards / "c.bin").write_bytes(b"")
+    done = _run("--input", shards, "--output-prefix", tmp_path / "again")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"error: {shards / 'c.idx'}: missing, but {shards} holds the other half of its pair" in done.stderr

@@ -102,7 +102,8 @@ def test_text_lines_and_json_keys(tmp_path, tokenizer_path):
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "error: workers: must be at least 1"),
     (["--input-format", "text", "--json-keys", "a", "b"], "error: json_keys: plain text has one text per document"),
-    (["--tokenizer", "missing/tokenizer.json"], "missing/tokenizer.json: tokenizer file does not exist"),
+    (["--tokenizer", "missing/tokenizer.json"], "missing/tokenizer.json: tokenizer file or directory does not exist"),
+    (["--tokenizer", "./missing_tokenizer"], "./missing_tokenizer: tokenizer file or directory does not exist"),
 ])
 def test_bad_flags_give_a_clear_error(tmp_path, tokenizer_path, args, message):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
@@ -112,8 +113,10 @@ def test_bad_flags_give_a_clear_error(tmp_path, tokenizer_path, args, message):
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_leaves_no_output(tmp_path, tokenizer_path, texts, workers):
+@pytest.mark.parametrize("workers, stop_signal, code, message", [
+    (1, signal.SIGINT, 130, "interrupted: no output written"), (2, signal.SIGINT, 130, "interrupted: no output written"),
+    (2, signal.SIGTERM, 143, "terminated: no output written")])
+def test_ctrl_c_or_sigterm_leaves_no_output(tmp_path, tokenizer_path, texts, workers, stop_signal, code, message):
     # The input is a named pipe fed slowly: the tool is mid-run, waiting for input, when the
     # interruption comes, without a race against the end of a small file.
     fifo = tmp_path / "stream.jsonl"
@@ -143,12 +146,101 @@ def test_ctrl_c_leaves_no_output(tmp_path, tokenizer_path, texts, workers):
         while "docs/s" not in (line := process.stderr.readline()):
             assert line, "the tool ended before writing anything"
         assert (tmp_path / "out/c_text_document.bin.tmp").exists()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         _, stderr = process.communicate(timeout=30)
     finally:
         stop.set()
         watchdog.cancel()
         process.kill()
         feeder.join(timeout=5)
-    assert process.returncode == 130 and "interrupted: no output written" in stderr
+    assert process.returncode == code and message in stderr and "Traceback" not in stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_megatron_command_lines_run_unchanged(tmp_path, tokenizer_path, texts):
+    corpus = tmp_path / "corpus.json"  # Megatron's examples name their JSONL files .json
+    corpus.write_text(_lines(texts))
+    ours = _run("--input", corpus, "--tokenizer", tokenizer_path, "--output-prefix", tmp_path / "ours", "--append-eod")
+    assert ours.returncode == 0, ours.stderr
+    # GPT2BPETokenizer with a GPT-2 style vocab.json + merges.txt: the same tokenizer, the same bytes.
+    Tokenizer.from_file(str(tokenizer_path)).model.save(str(tmp_path))
+    gpt2 = _run("--input", corpus, "--output-prefix", tmp_path / "gpt2", "--vocab-file", tmp_path / "vocab.json",
+                "--tokenizer-type", "GPT2BPETokenizer", "--merge-file", tmp_path / "merges.txt", "--append-eod",
+                "--workers", "2", "--keep-sequential-samples")
+    assert gpt2.returncode == 0, gpt2.stderr
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"gpt2_text_document{suffix}").read_bytes() == (tmp_path / f"ours_text_document{suffix}").read_bytes()
+    # HuggingFaceTokenizer with a tokenizer directory: the EOD appended is its declared eos_token, as in Megatron.
+    model = tmp_path / "hf_tokenizer"
+    model.mkdir()
+    (model / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "!"}))
+    hf = _run("--input", corpus, "--output-prefix", tmp_path / "hf", "--tokenizer-type", "HuggingFaceTokenizer",
+              "--tokenizer-model", model, "--append-eod", "--workers", "1")
+    assert hf.returncode == 0, hf.stderr
+    eos = Tokenizer.from_file(str(tokenizer_path)).token_to_id("!")
+    assert _documents(tmp_path / "hf_text_document") == [d[:-1] + [eos] for d in _documents(tmp_path / "ours_text_document")]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --tokenizer, or Megatron's --tokenizer-type with its files"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer takes --tokenizer-model"),
+    (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json"], "GPT2BPETokenizer takes --vocab-file and --merge-file"),
+    (["--tokenizer-type", "SentencePieceTokenizer"], "invalid choice: 'SentencePieceTokenizer'"),
+])
+def test_megatron_tokenizer_flags_need_their_files(tmp_path, args, message):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    done = _run("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A mount point for a filesystem of a few pages (tmpfs), or a skip with the reason."""
+    def mount(options):
+        point = tmp_path / f"fs_{options.replace(',', '_').replace('=', '')}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+    mounted = []
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_is_one_line_and_leaves_no_files(tmp_path, tokenizer_path, texts, small_filesystem, workers):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(_lines(texts * 20))  # about 180 KB of tokens: more than the filesystem holds
+    full = small_filesystem("size=64k")
+    done = _run("--input", corpus, "--tokenizer", tokenizer_path, "--output-prefix", full / "c", "--workers", workers,
+                "--batch-documents", "8")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: no space left on the device holding {full}"
+    assert list(full.iterdir()) == []
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, tokenizer_path, texts, small_filesystem):
+    (tmp_path / "a.jsonl").write_text(_lines(texts))
+    read_only = small_filesystem("ro,size=64k")
+    done = _run("--input", tmp_path / "a.jsonl", "--tokenizer", tokenizer_path, "--output-prefix", read_only / "c")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {read_only}/c_text_document.bin.tmp: read-only file system"
+
+
+@pytest.mark.parametrize("lines, skipped", [("", "none"), ("\n".join(['{"text": " "}', '{"other": "x"}', "{bad"]) + "\n",
+                                                               "empty 1, malformed_json 1, missing_key 1")])
+def test_no_documents_left_fails_with_the_counts_unless_allowed(tmp_path, tokenizer_path, lines, skipped):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(lines)
+    base = ["--input", corpus, "--tokenizer", tokenizer_path, "--skip-invalid", "--output-prefix"]
+    done = _run(*base, tmp_path / "out/c")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"error: {corpus}: no documents to write (skipped: {skipped}); nothing written" in done.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    done = _run(*base, tmp_path / "empty/c", "--allow-empty")
+    assert done.returncode == 0, done.stderr
+    assert _documents(tmp_path / "empty/c_text_document") == []
