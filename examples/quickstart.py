@@ -7,7 +7,8 @@
 4. `deepspeed --num_gpus 2 --module looplm_mega.pretrain` with configs/run/tiny_cpu.yaml: the tiny
    LoopLM (1 shared layer x 4 loops), ZeRO-2, two gloo processes, validation CE per loop step;
 5. tools/convert_checkpoint.py: the checkpoint to one safetensors model, and to the released Ouro
-   (Hugging Face) format;
+   (Hugging Face) format; tools/plot_run.py: the run's figures (loss and CE per loop, the exit
+   distribution, LR, gradient norm, throughput) as PNG files;
 6. a few lines generated from two prompts (KV cache, Q-exit early exit), with loops per token.
 
 Steps 1 to 5 write under a temporary name beside --out, renamed to it when they succeed; an
@@ -69,12 +70,13 @@ def build(out: Path, args: argparse.Namespace, overrides: list[str]) -> None:
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_loop = [r for r in records if r["split"] == "valid"][-1]["ce_per_loop"]
-    print("\nvalidation CE per loop step: " + "  ".join(f"loop {t + 1}: {v:.3f}" for t, v in enumerate(per_loop)))
+    print("\nvalidation CE per loop: " + "  ".join(f"loop {t + 1}: {v:.3f}" for t, v in enumerate(per_loop)))
     print(f"loop {len(per_loop)} vs loop 1: {per_loop[-1] - per_loop[0]:+.3f} nats")
 
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(out / "model")])
     run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(run_dir / "checkpoints"), "--to-hf", str(out / "hf"),
          "--tokenizer", str(out / "tokenizer.json")])
+    run([sys.executable, "tools/plot_run.py", str(run_dir), "--output", str(out / "plots")])
 
 
 def main(argv=None) -> None:
@@ -104,6 +106,7 @@ def main(argv=None) -> None:
         print(f"\n--- {prompt!r} ->\n{prompt}{text}")
     print(f"\n[generation with Q-exit (q = 0.9): {result.loops_per_token:.2f} loops per token of "
           f"{model.config.total_ut_steps}, {result.tokens_per_second:.0f} tokens/s]")
+    print("\nfigures of the run (tools/plot_run.py): " + ", ".join(str(p) for p in sorted((out / "plots").glob("*.png"))))
     print(f"\ndone in {time.time() - start:.0f}s; run directory {out / 'run'}")
 
 

@@ -208,6 +208,14 @@ class Curriculum:
             total += max(0, min(stop, end) - max(begin, first)) * self._phase_samples[i]
         return total
 
+    def tokens(self, first: int, end: int) -> int:
+        """Tokens read by the steps [first, end) (samples times each stage's sequence length)."""
+        total = 0
+        for i, begin in enumerate(self._phase_starts):
+            stop = self._phase_starts[i + 1] if i + 1 < len(self._phase_starts) else self.total_steps
+            total += max(0, min(stop, end) - max(begin, first)) * self._phase_samples[i] * self.at(begin).seq_length
+        return total
+
     def segment_steps(self, segment: int) -> range:
         """The steps of a data segment."""
         states = [s for s in self.states if s.segment == segment]

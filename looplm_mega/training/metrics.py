@@ -47,6 +47,7 @@ class StepMetrics:
     memory_gb: Optional[float] = None
     skipped_steps: Optional[int] = None  # in the whole run
     consumed_samples: Optional[int] = None
+    consumed_tokens: Optional[int] = None
     stage: Optional[dict] = None  # the curriculum stage's settings in force (runs with a curriculum)
 
     @classmethod
@@ -97,6 +98,7 @@ class StepMetrics:
 @dataclass
 class ValidationMetrics:
     ce_per_loop: list[float]  # mean validation CE of each loop's read-out
+    consumed_tokens: Optional[int] = None  # the run's training tokens so far
     stage: Optional[str] = None  # the curriculum stage it was measured in (runs with a curriculum)
     loss: float = field(init=False)  # the last loop's CE
 

@@ -342,6 +342,7 @@ class Trainer:
             peak = device_peak_flops(torch.cuda.get_device_name(), self.config.training.precision)
         metrics.mfu = flops_per_device / peak if peak else None
         metrics.skipped_steps, metrics.consumed_samples = self.state.skipped_steps, self.state.consumed_samples
+        metrics.consumed_tokens = self.curriculum.tokens(0, self.state.step)
         if self.device.type == "cuda":
             metrics.memory_gb = torch.cuda.max_memory_allocated() / 2**30
         else:
@@ -375,7 +376,8 @@ class Trainer:
             total += self.engine.eval_batch(self._micro_batches(data, self.grad_accum)).to(self.device)
         dist.all_reduce(total)
         ce_per_loop = (total / (iters * self.grad_accum * self.world)).tolist()
-        return ValidationMetrics(ce_per_loop, None if self.curriculum.implicit else stage.name)
+        return ValidationMetrics(ce_per_loop, self.curriculum.tokens(0, self.state.step),
+                                 None if self.curriculum.implicit else stage.name)
 
     def save(self) -> Path:
         return save_checkpoint(self.engine, self.checkpoint_dir, self.state, to_dict(self.config),

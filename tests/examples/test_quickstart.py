@@ -24,7 +24,8 @@ def test_quickstart_pipeline_at_reduced_size(tmp_path, capfd):
                         "--training.micro_batch_size=2", "--training.global_batch_size=4", "--training.eval_iters=2",
                         "--training.log_interval=1", "--training.save_interval=0", "--schedule.warmup_steps=1"])
     printed = capfd.readouterr().out
-    assert "validation CE per loop step" in printed and "--- 'def ' ->" in printed
+    assert "validation CE per loop" in printed and "--- 'def ' ->" in printed
+    assert f"{out / 'plots' / 'loss.png'}" in printed and (out / "plots" / "exit.png").read_bytes()[:4] == b"\x89PNG"
     assert "loops per token of 4" in printed
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
