@@ -21,11 +21,13 @@ import json
 import math
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 from safetensors.torch import load_file
 
 from looplm_mega.config import load_yaml, save_yaml
@@ -106,12 +108,19 @@ def materialize(t) -> torch.Tensor:
 def write_tensors(path: Path, tensors: Mapping[str, "TensorLike"],
                   transform: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t) -> None:
     """A safetensors file of `transform(name, tensor)` for every tensor, read and written one at a
-    time; shapes are worked out on meta tensors first (the header precedes the data)."""
+    time; shapes are worked out on meta tensors first (the header precedes the data). Shows its
+    progress (tensors, bytes, rate, ETA): a large model takes minutes."""
     out = {name: transform(name, as_meta(t)) for name, t in tensors.items()}
     specs = {name: (_DTYPE_NAMES[meta.dtype], list(meta.shape)) for name, meta in out.items()}
-    with StreamingSafetensorsWriter(path, specs) as writer:
-        for name, t in tensors.items():
-            writer.add(name, transform(name, materialize(t)).to(out[name].dtype).contiguous())
+    total = sum(meta.numel() * meta.element_size() for meta in out.values())
+    with StreamingSafetensorsWriter(path, specs) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {path.name}",
+                 mininterval=2.0, file=sys.stderr) as progress:
+        for done, (name, t) in enumerate(tensors.items(), 1):
+            tensor = transform(name, materialize(t)).to(out[name].dtype).contiguous()
+            writer.add(name, tensor)
+            progress.set_postfix_str(f"{done}/{len(out)} tensors", refresh=False)
+            progress.update(tensor.numel() * tensor.element_size())
 
 
 def write_config(model_dir: Path, config: LoopLMConfig, trainer_state: Optional[dict] = None) -> None:

@@ -37,3 +37,11 @@ def test_lazy_and_merged_tensors_are_read_once_per_file(tmp_path):
     write_model_dir(tmp_path / "tp2", lazy, config, tp=2)
     assert CountingTensor.reads == 2 * 2 * len(full)  # once per output shard file
     assert all(torch.equal(t, full[n]) for n, t in read_full_state(tmp_path / "tp2").items())
+
+
+def test_writing_tensors_shows_progress(tmp_path, capsys):
+    from looplm_mega.training.model_dir import write_tensors
+
+    write_tensors(tmp_path / "t.safetensors", {"a": torch.zeros(256), "b": torch.ones(3, 4)})
+    err = capsys.readouterr().err
+    assert "writing t.safetensors" in err and "1.05k/1.05k" in err and "2/2 tensors" in err  # 1,072 bytes
