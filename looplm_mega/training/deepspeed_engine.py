@@ -16,14 +16,30 @@ from looplm_mega.model.losses import Objective
 from looplm_mega.parallel.state import ParallelState
 from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
 from looplm_mega.training.config import RunConfig
+from looplm_mega.training.distributed import is_main
 from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import StepMetrics
 
 
+def bucket_sizes(hidden_size: int, zero_stage: int) -> dict:
+    """ZeRO's communication buckets sized from the model, as the Hugging Face integration's "auto"
+    values: DeepSpeed's defaults (5e8 elements, 2 GB a bucket in fp32 on every rank) are sized for
+    models far larger than their buffers' share of memory."""
+    sizes = {"reduce_bucket_size": hidden_size**2, "allgather_bucket_size": hidden_size**2}
+    if zero_stage == 3:
+        sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
+                     stage3_param_persistence_threshold=10 * hidden_size)
+    return sizes
+
+
 def deepspeed_config(config: RunConfig, micro_batch_size: int, gradient_accumulation_steps: int, device: torch.device) -> dict:
-    """Our run config as DeepSpeed's; the batch is the first step's (configure() resets it per step)."""
+    """Our run config as DeepSpeed's; the batch is the first step's (configure() resets it per step).
+    Without a DeepSpeed JSON, ZeRO's buckets are sized from the model (bucket_sizes); a JSON's or
+    the inline keys' own sizes win."""
     section, opt = config.deepspeed, config.optimizer
     zero: dict = {"stage": section.resolved_zero_stage()}
+    if section.config_file is None and zero["stage"] > 0:
+        zero.update(bucket_sizes(config.model_config().hidden_size, zero["stage"]))
     if section.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if section.offload_param:
@@ -48,12 +64,16 @@ class DeepSpeedEngine(Engine):
                  device: torch.device, micro_batch_size: int, micro_batches: int):
         self.module, self.config, self.parallel, self.device = model, config, parallel, device
         self.tp = TensorParallel.from_state(parallel)
-        self.ds, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups,
-            config=deepspeed_config(config, micro_batch_size, micro_batches, device),
-            mpu=parallel if parallel.tp > 1 else None)
+        ds_config = deepspeed_config(config, micro_batch_size, micro_batches, device)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config,
+                                                mpu=parallel if parallel.tp > 1 else None)
         self.optimizer = self.ds.optimizer
         self.zero_stage = self.ds.zero_optimization_stage()
+        if is_main() and config.deepspeed.config_file is None and self.zero_stage > 0:
+            sizes = ds_config["zero_optimization"]
+            print("deepspeed: ZeRO buckets sized from the model (no DeepSpeed JSON given): " + ", ".join(
+                f"{name.replace('_size', '').replace('stage3_', '')} {sizes[name]:,}" for name in bucket_sizes(1, self.zero_stage)) +
+                " elements", flush=True)
         self.objective: Objective = "stage1"
         self._batch = (micro_batch_size, micro_batch_size * micro_batches * parallel.dp)
         self._skipped_by_us = 0  # ZeRO-0 steps turned into no-ops here (DeepSpeed counts the others)
