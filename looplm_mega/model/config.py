@@ -25,30 +25,30 @@ RELEASED_FIELDS = (
 @dataclass
 class LoopLMConfig:
     # --- released config.json fields ---
-    vocab_size: int = 49152
-    hidden_size: int = 2048
-    intermediate_size: int = 5632
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
+    vocab_size: int = 49152  # tokens of the tokenizer (SmolLM2's: 49152)
+    hidden_size: int = 2048  # width of the residual stream
+    intermediate_size: int = 5632  # width of the SwiGLU MLP
+    num_hidden_layers: int = 24  # layers N of the shared stack (applied total_ut_steps times)
+    num_attention_heads: int = 16  # query heads
     num_key_value_heads: Optional[int] = None  # None: same as num_attention_heads (MHA)
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
-    max_position_embeddings: int = 65536
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    hidden_act: Literal["silu"] = "silu"
-    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 65536  # longest sequence the model is meant for (data.seq_length may not exceed it)
+    rope_theta: float = 1_000_000.0  # RoPE base (a curriculum stage may change it)
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    hidden_act: Literal["silu"] = "silu"  # the MLP's activation (SwiGLU)
+    tie_word_embeddings: bool = False  # share the embedding with the head (the released models do not)
     total_ut_steps: int = 4  # loops T: times the layer stack is applied
-    early_exit_threshold: float = 1.0
-    initializer_range: float = 0.02
+    early_exit_threshold: float = 1.0  # q of Q-exit at inference (1.0: every loop runs)
+    initializer_range: float = 0.02  # std of the normal initialisation of the matrices
 
     # --- how this project runs the model (not part of the released format) ---
-    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
-    activation_checkpointing: Literal["none", "layer", "loop"] = "none"
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # auto: flash-attn on CUDA in bf16/fp16 when installed, else SDPA
+    activation_checkpointing: Literal["none", "layer", "loop"] = "none"  # recompute each layer, or each whole loop, in the backward
     # Back-propagate only through the last k loops (None: through all of them).
     truncated_loops: Optional[int] = None
     # Per-step cross-entropy without materialising T x tokens x vocab logits (losses.py).
-    fused_cross_entropy: bool = True
-    cross_entropy_chunk_tokens: int = 1024
+    fused_cross_entropy: bool = True  # chunked head + CE with gradients in the forward (no T x tokens x vocab logits)
+    cross_entropy_chunk_tokens: int = 1024  # tokens per chunk of the fused cross-entropy
     entropy_beta: float = 0.1  # beta of the Stage I objective (0.1 in Stage 1a, 0.05 after)
     # Initial weight of the norms on the attention and MLP outputs (input_layernorm_2,
     # post_attention_layernorm_2). Small values make every loop start close to the identity, so
