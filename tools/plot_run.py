@@ -75,11 +75,7 @@ def plot_runs(runs: dict[str, tuple[list[dict], list[dict]]], output: Path) -> l
     fig, (loss, valid) = figure(2)
     for style, (label, (train, validation)) in zip(_cycle(STYLES), runs.items()):
         loss.plot(_tokens(train), [r["loss"] for r in train], style, label=label)
-        loops = max((len(r["ce_per_loop"]) for r in validation), default=0)
-        for loop in range(loops):
-            points = [(x, r["ce_per_loop"][loop]) for x, r in zip(_tokens(validation), validation)
-                      if loop < len(r["ce_per_loop"])]
-            valid.plot(*zip(*points), style, marker="o", markersize=3, color=f"C{loop}", label=f"{label}, loop {loop + 1}")
+        _per_loop(valid, validation, "ce_per_loop", style, label, marker="o", markersize=3)
     loss.set_ylabel("training loss")
     valid.set_ylabel("validation CE")
     for ax in (loss, valid):
@@ -90,10 +86,7 @@ def plot_runs(runs: dict[str, tuple[list[dict], list[dict]]], output: Path) -> l
     fig, (exit_loop, gates) = figure(2)
     for style, (label, (train, _)) in zip(_cycle(STYLES), runs.items()):
         exit_loop.plot(_tokens(train), [r["mean_exit_loop"] for r in train], style, label=label)
-        for loop in range(len(train[-1]["gate_mean_per_loop"])):
-            points = [(x, r["gate_mean_per_loop"][loop]) for x, r in zip(_tokens(train), train)
-                      if loop < len(r["gate_mean_per_loop"])]
-            gates.plot(*zip(*points), style, color=f"C{loop}", label=f"{label}, loop {loop + 1}")
+        _per_loop(gates, train, "gate_mean_per_loop", style, label)
     exit_loop.set_ylabel("mean exit loop E[t]")
     gates.set_ylabel("mean gate lambda_t")
     for ax in (exit_loop, gates):
@@ -111,6 +104,13 @@ def plot_runs(runs: dict[str, tuple[list[dict], list[dict]]], output: Path) -> l
         ax.grid(alpha=0.3)
     save(fig, "optimization.png")
     return paths
+
+
+def _per_loop(ax, records: list[dict], key: str, style: str, label: str, **line) -> None:
+    """A line of each loop's value (a colour per loop); a curriculum may change the number of loops."""
+    for loop in range(max((len(r[key]) for r in records), default=0)):
+        points = [(x, r[key][loop]) for x, r in zip(_tokens(records), records) if loop < len(r[key])]
+        ax.plot(*zip(*points), style, color=f"C{loop}", label=f"{label}, loop {loop + 1}", **line)
 
 
 def _cycle(items):
