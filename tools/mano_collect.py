@@ -26,8 +26,8 @@ from pathlib import Path
 # What defines an arm, and a setting (an arm at one learning rate).
 ARM_KEYS = ("config", "max_ops", "modulus", "hidden_size", "objective", "steps", "batch_size")
 SETTING_KEYS = (*ARM_KEYS, "lr")
-NEEDED = {"layers", "loops", "depth", "seed", "accuracy", "loop_accuracy", "baseline", "excluded", "params", "seconds",
-          *SETTING_KEYS}
+NEEDED = {"layers", "loops", "depth", "seed", "accuracy", "loop_accuracy", "baseline", "excluded", "params",
+          "cpu_seconds", *SETTING_KEYS}
 
 
 def read_rows(paths: list[str]) -> list[dict]:
@@ -50,7 +50,7 @@ def check_rows(rows: list[dict]) -> None:
             raise ValueError(f"{row['where']}: no value for {', '.join(missing)}")
         try:
             accuracies = [float(a) for a in row["loop_accuracy"].split("/")]
-            float(row["accuracy"]), float(row["lr"]), float(row["seconds"]), float(row["baseline"])
+            float(row["accuracy"]), float(row["lr"]), float(row["cpu_seconds"]), float(row["baseline"])
             int(row["layers"]), int(row["loops"]), int(row["max_ops"]), int(row["params"]), int(row["excluded"])
         except ValueError as e:
             raise ValueError(f"{row['where']}: {e}") from None
@@ -76,7 +76,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             loop_mean=[statistics.fmean(loop) for loop in zip(*per_loop)],
             loop_std=[statistics.stdev(loop) if len(loop) > 1 else 0.0 for loop in zip(*per_loop)],
             baseline=float(members[0]["baseline"]), excluded=sum(int(m["excluded"]) for m in members),
-            params=int(members[0]["params"]), seconds=sum(float(m["seconds"]) for m in members),
+            params=int(members[0]["params"]), cpu_seconds=sum(float(m["cpu_seconds"]) for m in members),
         )
         summary.append(entry)
     summary.sort(key=lambda e: (int(e["max_ops"]), e["depth"], e["layers"], e["objective"], float(e["lr"])))
@@ -108,16 +108,16 @@ def print_tables(summary: list[dict]) -> None:
               f"{_percent(e['loop_mean'])} | {100 * e['baseline']:.1f} | {e['params']:,} |")
     print("\nEvery setting\n")
     print("| config | L | p | hidden | objective | lr | steps | seeds | accuracy % (mean ± std) | per seed | "
-          "per loop (mean) | excluded draws | s/run |")
+          "per loop (mean) | excluded draws | CPU s/run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in summary:
         print(f"| {e['config']} | {e['max_ops']} | {e['modulus']} | {e['hidden_size']} | {e['objective']} | "
               f"{float(e['lr']):g} | {e['steps']} | {len(e['seeds'])} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | "
               f"{_percent(e['accuracies'])} | {_percent(e['loop_mean'])} | {e['excluded']:,} | "
-              f"{e['seconds'] / len(e['seeds']):.0f} |")
+              f"{e['cpu_seconds'] / len(e['seeds']):.0f} |")
     runs = sum(len(e["seeds"]) for e in summary)
-    seconds = sum(e["seconds"] for e in summary)
-    print(f"\n{runs} runs, {seconds / 3600:.2f} h of run time in all ({seconds / 7200:.2f} h on 2 cores)")
+    seconds = sum(e["cpu_seconds"] for e in summary)
+    print(f"\n{runs} runs, {seconds / 3600:.2f} h of CPU time in all ({seconds / 7200:.2f} h on 2 cores)")
 
 
 def plot(summary: list[dict], path: str | Path) -> None:

@@ -35,10 +35,11 @@ from looplm_mega.training.schedules import learning_rate
 # The columns of a result row, in order (one row per trained model).
 # accuracy: the last loop's; loop_accuracy: after each loop, "/"-separated; baseline: the share of
 # the test set's most common answer (what always answering it scores); excluded: training draws
-# redrawn because they were test expressions.
+# redrawn because they were test expressions; seconds: wall time; cpu_seconds: the process's CPU
+# time (the cost of the run, whatever else loads the machine).
 CSV_FIELDS = ("config", "layers", "loops", "depth", "max_ops", "modulus", "hidden_size", "objective", "seed", "lr",
               "steps", "batch_size", "accuracy", "loop_accuracy", "baseline", "final_loss", "excluded", "params",
-              "seconds")
+              "seconds", "cpu_seconds")
 OBJECTIVES = ("last", "stage1")
 
 
@@ -126,7 +127,7 @@ def train_mano(run: ManoRun, log: Optional[Callable[[str], None]] = print, log_e
     """Train one model and return its CSV row (CSV_FIELDS). `log` receives a progress line every
     `log_every` steps (None: silent), with the test accuracy every `eval_every` steps (0: only at
     the end; a learning curve costs a forward pass over the test set each time)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(run.seed)
     model = LoopLM(run.model_config())
     test = mano.make_test_set(run.max_ops, run.test_size, run.test_seed, run.modulus)
@@ -178,6 +179,7 @@ def train_mano(run: ManoRun, log: Optional[Callable[[str], None]] = print, log_e
         "loop_accuracy": "/".join(f"{a:.4f}" for a in accuracies),
         "baseline": round(test.answers.bincount().max().item() / len(test), 5), "final_loss": round(loss_value, 5),
         "excluded": excluded, "params": model.num_parameters(), "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
 
 

@@ -212,6 +212,7 @@ def test_a_tiny_training_run_gives_a_csv_row(tmp_path, objective):
     assert set(row) == set(CSV_FIELDS)
     assert row["config"] == "1x2" and row["depth"] == 2 and row["steps"] == 3 and 0 <= row["accuracy"] <= 1
     assert 1 / 23 <= row["baseline"] <= 1 and isinstance(row["excluded"], int)
+    assert 0 < row["cpu_seconds"] and 0 < row["seconds"]
     assert len(row["loop_accuracy"].split("/")) == 2 and row["params"] > 0
     assert any("step 3/3" in line and "it/s" in line and "ETA" in line for line in lines)
     assert any("step 2 test accuracy" in line for line in lines)

@@ -89,7 +89,7 @@ def _row(config, lr, seed, accuracy, loop_accuracy, **fields):
     return dict.fromkeys(CSV_FIELDS, 1) | {
         "config": config, "layers": layers, "loops": loops, "depth": layers * loops, "max_ops": 3, "modulus": 7,
         "objective": "last", "lr": lr, "steps": 10, "seed": seed, "accuracy": accuracy,
-        "loop_accuracy": loop_accuracy, "baseline": 0.25, "excluded": 3, "seconds": 1800} | fields
+        "loop_accuracy": loop_accuracy, "baseline": 0.25, "excluded": 3, "cpu_seconds": 1800} | fields
 
 
 def test_collector_picks_the_best_learning_rate_per_arm_and_plots(tmp_path, capsys):
@@ -113,7 +113,7 @@ def test_collector_picks_the_best_learning_rate_per_arm_and_plots(tmp_path, caps
     assert "| 2x3 | 3 | 7 | 1 | stage1 | 10 | 0.001 | 60.0 ± 0.0 | 60.0 | 30.0 / 50.0 / 60.0 | 25.0 | 1 |" in best
     every = out[out.index("Every setting"):]
     assert "| 2x1 | 3 | 7 | 1 | last | 0.001 | 10 | 2 | 30.0 ± 14.1 | 20.0 / 40.0 | 30.0 | 6 | 1800 |" in every
-    assert "6 runs, 3.00 h of run time in all (1.50 h on 2 cores)" in out
+    assert "6 runs, 3.00 h of CPU time in all (1.50 h on 2 cores)" in out
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
