@@ -48,11 +48,14 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--text-mode", choices=get_args(TextMode), default=defaults.text_mode,
                    help="plain text: one document per file or per line")
     p.add_argument("--hf-split", default=defaults.hf_split, help="split of a Hugging Face dataset")
+    p.add_argument("--hf-name", default=None, help="configuration (subset) of a Hugging Face dataset")
+    p.add_argument("--hf-data-dir", default=None, help="folder within a Hugging Face dataset")
     p.add_argument("--batch-documents", type=int, default=defaults.batch_documents, help="documents per encoding batch")
     args = p.parse_args(argv)
     return PreprocessConfig(
         input=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer, json_keys=args.json_keys,
-        input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split, workers=args.workers,
+        input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split, hf_name=args.hf_name,
+        hf_data_dir=args.hf_data_dir, workers=args.workers,
         partitions=args.partitions, append_eod=args.append_eod, eod_token=args.eod_token,
         skip_invalid=args.skip_invalid, batch_documents=args.batch_documents, log_interval=args.log_interval)
 
