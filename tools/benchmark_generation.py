@@ -37,6 +37,7 @@ def variants(q: float, static_step: int) -> dict[str, GenerationConfig]:
         "full": GenerationConfig(),
         "last": GenerationConfig(kv_sharing="last"),
         "mean": GenerationConfig(kv_sharing="mean"),
+        "first": GenerationConfig(kv_sharing="first"),
         f"q_exit {q}": GenerationConfig(exit=ExitRule("q_exit", threshold=q)),
         f"static {static_step}": GenerationConfig(exit=ExitRule("static", loops=static_step)),
     }
