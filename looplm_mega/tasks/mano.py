@@ -31,7 +31,7 @@ so equal tokens mean equal trees); a training draw whose tokens are a test expre
 redrawn and counted (ManoBatch.excluded). Only draws with exactly L operators can collide. For the
 test to measure composition rather than recall, the space must also dwarf the training draws:
 count_expressions(L, p) = p^(L+1) 3^L Catalan(L) is 10,935 for p = 3 at L = 3 (a few thousand
-steps draw every one), but 7.4 million at L = 5 and 6.2 billion at L = 7.
+steps draw every one), but 7.4 million at L = 5 and 210 million at L = 6.
 
 Every sequence is padded on the right to seq_len(L) = 2L + 5 tokens, so a batch is one tensor.
 Randomness is numpy's: training batch k is a function of (seed, k, the held-out set) alone (random
