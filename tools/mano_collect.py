@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Summarise the rows of tools/mano_sweep.py: accuracy per configuration over seeds, and a plot.
+"""Summarise the rows of tools/mano_sweep.py: accuracy per arm at its best learning rate, every
+setting, and a plot of accuracy against depth.
 
     python tools/mano_collect.py runs/mano/results.csv [more.csv ...] [--plot runs/mano/accuracy.png]
 
-Runs that differ only in the seed form one group; for each it prints mean ± std (sample std,
-0 for one seed) and the best seed's accuracy (the paper reports the best of 3 seeds). The plot
-(matplotlib, an optional dependency) shows accuracy against total depth, layers x loops, one line
-per layer count, L, modulus and width; where a configuration was run at several learning rates or
-step counts, the plot uses the setting with the best mean.
+A setting is everything but the seed; an arm is a setting without its learning rate (a model
+shape, L, objective, width and length of training). For each arm the table "best learning rate"
+takes the learning rate with the best mean accuracy over seeds and gives mean ± std (sample std,
+0 for one seed), the accuracy of each seed and the mean accuracy read out after each loop; the
+table "every setting" lists each learning rate. The plot (matplotlib, an optional dependency) has
+one panel per L: each arm at its best learning rate, accuracy against the layers applied so far
+(layers x loops run), so a looped arm is a line through its loops and an unlooped arm one point;
+the dashed line is the share of the most common answer in the test set.
 """
 
 from __future__ import annotations
@@ -19,54 +23,104 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# Settings that define a group: everything but the seed and the measurements.
-GROUP_KEYS = ("config", "max_ops", "modulus", "hidden_size", "objective", "lr", "steps", "batch_size")
+# What defines an arm, and a setting (an arm at one learning rate).
+ARM_KEYS = ("config", "max_ops", "modulus", "hidden_size", "objective", "steps", "batch_size")
+SETTING_KEYS = (*ARM_KEYS, "lr")
+NEEDED = {"layers", "loops", "depth", "seed", "accuracy", "loop_accuracy", "baseline", "excluded", "params",
+          "cpu_seconds", *SETTING_KEYS}
 
 
 def read_rows(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
+            for line, row in enumerate(csv.DictReader(f), 2):
                 if row.get("config") == "config":
                     continue  # a repeated header: two first rows raced on a lock-less filesystem
+                row["where"] = f"{path}, line {line}"
                 rows.append(row)
     return rows
 
 
+def check_rows(rows: list[dict]) -> None:
+    """One error naming the file and line of the first bad row."""
+    for row in rows:
+        missing = sorted(k for k in NEEDED if row.get(k) in ("", None))
+        if missing:
+            raise ValueError(f"{row['where']}: no value for {', '.join(missing)}")
+        try:
+            accuracies = [float(a) for a in row["loop_accuracy"].split("/")]
+            float(row["accuracy"]), float(row["lr"]), float(row["cpu_seconds"]), float(row["baseline"])
+            int(row["layers"]), int(row["loops"]), int(row["max_ops"]), int(row["params"]), int(row["excluded"])
+        except ValueError as e:
+            raise ValueError(f"{row['where']}: {e}") from None
+        if len(accuracies) != int(row["loops"]):
+            raise ValueError(f"{row['where']}: loop_accuracy has {len(accuracies)} values for {row['loops']} loops")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per group, sorted by L, depth, layers, then the rest."""
+    """One entry per setting, sorted by L, depth, layers, objective, lr."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[tuple(row.get(k, "") for k in GROUP_KEYS)].append(row)
+        groups[tuple(row[k] for k in SETTING_KEYS)].append(row)
     summary = []
     for key, members in groups.items():
+        members.sort(key=lambda m: int(m["seed"]))
         accuracies = [float(m["accuracy"]) for m in members]
-        entry = dict(zip(GROUP_KEYS, key))
+        per_loop = [[float(a) for a in m["loop_accuracy"].split("/")] for m in members]
+        entry = dict(zip(SETTING_KEYS, key))
         entry.update(
             layers=int(members[0]["layers"]), loops=int(members[0]["loops"]), depth=int(members[0]["depth"]),
-            seeds=len(members), mean=statistics.fmean(accuracies),
-            std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0, best=max(accuracies),
-            params=int(members[0]["params"]), seconds=statistics.fmean(float(m["seconds"]) for m in members),
+            seeds=[int(m["seed"]) for m in members], accuracies=accuracies, mean=statistics.fmean(accuracies),
+            std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            loop_mean=[statistics.fmean(loop) for loop in zip(*per_loop)],
+            loop_std=[statistics.stdev(loop) if len(loop) > 1 else 0.0 for loop in zip(*per_loop)],
+            baseline=float(members[0]["baseline"]), excluded=sum(int(m["excluded"]) for m in members),
+            params=int(members[0]["params"]), cpu_seconds=sum(float(m["cpu_seconds"]) for m in members),
         )
         summary.append(entry)
-    summary.sort(key=lambda e: (int(e["max_ops"]), e["depth"], e["layers"], float(e["lr"]), int(e["steps"])))
+    summary.sort(key=lambda e: (int(e["max_ops"]), e["depth"], e["layers"], e["objective"], float(e["lr"])))
     return summary
 
 
-def print_table(summary: list[dict]) -> None:
-    print("| config | L | p | hidden | objective | lr | steps | seeds | accuracy % (mean ± std) | best | params | s/run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+def best_per_arm(summary: list[dict]) -> list[dict]:
+    """The setting with the best mean accuracy of each arm, in the summary's order."""
+    best: dict[tuple, dict] = {}
     for e in summary:
-        print(f"| {e['config']} | {e['max_ops']} | {e['modulus']} | {e['hidden_size']} | {e['objective']} | {float(e['lr']):g} | "
-              f"{e['steps']} | {e['seeds']} | "
-              f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {100 * e['best']:.1f} | {e['params']:,} | "
-              f"{e['seconds']:.0f} |")
+        arm = tuple(e[k] for k in ARM_KEYS)
+        if arm not in best or e["mean"] > best[arm]["mean"]:
+            best[arm] = e
+    return [e for e in summary if best[tuple(e[k] for k in ARM_KEYS)] is e]
+
+
+def _percent(values: list[float]) -> str:
+    return " / ".join(f"{100 * v:.1f}" for v in values)
+
+
+def print_tables(summary: list[dict]) -> None:
+    print("Best learning rate per arm (accuracy at the last loop; per loop: the mean read-out after loop 1..T)\n")
+    print("| config | L | p | hidden | objective | steps | best lr | accuracy % (mean ± std) | per seed | "
+          "per loop (mean) | most common answer | params |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for e in best_per_arm(summary):
+        print(f"| {e['config']} | {e['max_ops']} | {e['modulus']} | {e['hidden_size']} | {e['objective']} | {e['steps']} | "
+              f"{float(e['lr']):g} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {_percent(e['accuracies'])} | "
+              f"{_percent(e['loop_mean'])} | {100 * e['baseline']:.1f} | {e['params']:,} |")
+    print("\nEvery setting\n")
+    print("| config | L | p | hidden | objective | lr | steps | seeds | accuracy % (mean ± std) | per seed | "
+          "per loop (mean) | excluded draws | CPU s/run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for e in summary:
+        print(f"| {e['config']} | {e['max_ops']} | {e['modulus']} | {e['hidden_size']} | {e['objective']} | "
+              f"{float(e['lr']):g} | {e['steps']} | {len(e['seeds'])} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | "
+              f"{_percent(e['accuracies'])} | {_percent(e['loop_mean'])} | {e['excluded']:,} | "
+              f"{e['cpu_seconds'] / len(e['seeds']):.0f} |")
+    runs = sum(len(e["seeds"]) for e in summary)
+    seconds = sum(e["cpu_seconds"] for e in summary)
+    print(f"\n{runs} runs, {seconds / 3600:.2f} h of CPU time in all ({seconds / 7200:.2f} h on 2 cores)")
 
 
 def plot(summary: list[dict], path: str | Path) -> None:
-    """Accuracy (mean ± std over seeds, best seed as x) against layers x loops."""
     try:
         import matplotlib
 
@@ -74,32 +128,25 @@ def plot(summary: list[dict], path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: the plot needs matplotlib (pip install matplotlib), or leave out --plot") from None
-    best: dict[tuple, dict] = {}  # (line, config) -> the group with the best mean
-    for e in summary:
-        key = (e["layers"], int(e["max_ops"]), e["modulus"], e["hidden_size"], e["config"])
-        if key not in best or e["mean"] > best[key]["mean"]:
-            best[key] = e
-    lines: dict[tuple, list[dict]] = defaultdict(list)  # one line per layer count, L, modulus, width
-    for key, e in best.items():
-        lines[key[:-1]].append(e)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (layers, max_ops, modulus, hidden), entries in sorted(lines.items()):
-        entries.sort(key=lambda e: e["depth"])
-        depth = [e["depth"] for e in entries]
-        line = ax.errorbar(depth, [100 * e["mean"] for e in entries], yerr=[100 * e["std"] for e in entries],
-                           marker="o", capsize=3, label=f"{layers} layers, L={max_ops}, p={modulus}, hidden {hidden}")
-        ax.scatter(depth, [100 * e["best"] for e in entries], marker="x", color=line[0].get_color())
+    panels: dict[tuple, list[dict]] = defaultdict(list)  # one per L, modulus, width, training length
+    for e in best_per_arm(summary):
+        panels[(int(e["max_ops"]), e["modulus"], e["hidden_size"], e["steps"])].append(e)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, ((max_ops, modulus, hidden, steps), entries) in zip(axes[0], sorted(panels.items())):
         for e in entries:
-            ax.annotate(e["config"], (e["depth"], 100 * e["mean"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-    ax.set_xlabel("total depth (layers x loops)")
-    ax.set_ylabel("test accuracy (%)  [o mean ± std, x best seed]")
-    ax.set_title("Mano")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            depth = [e["layers"] * (t + 1) for t in range(e["loops"])]
+            label = f"{e['config']}" + (f" {e['objective']}" if e["loops"] > 1 else "") + f", lr {float(e['lr']):g}"
+            ax.errorbar(depth, [100 * a for a in e["loop_mean"]], yerr=[100 * s for s in e["loop_std"]],
+                        marker="o", capsize=3, label=label)
+        ax.axhline(100 * entries[0]["baseline"], color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"L = {max_ops}, Z_{modulus}, hidden {hidden}, {steps} steps", fontsize=9)
+        ax.set_xlabel("layers applied (layers x loops run)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy, % (mean ± std over seeds)")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -113,16 +160,13 @@ def main(argv=None) -> None:
         sys.exit(f"error: no such result file: {', '.join(missing)}")
     try:
         rows = read_rows(args.csv)
-    except (csv.Error, UnicodeDecodeError) as e:
-        sys.exit(f"error: cannot read {args.csv}: {e}")
-    needed = {"config", "layers", "loops", "depth", "accuracy", "seed", "params", "seconds", *GROUP_KEYS}
-    bad = [row for row in rows if not needed <= row.keys() or any(row[k] in ("", None) for k in needed)]
-    if bad:
-        sys.exit(f"error: {len(bad)} rows lack columns of {sorted(needed)}; first: {bad[0]}")
+        check_rows(rows)
+    except (csv.Error, UnicodeDecodeError, ValueError) as e:
+        sys.exit(f"error: {e}")
     if not rows:
         sys.exit(f"error: no result rows in {', '.join(args.csv)}")
     summary = summarise(rows)
-    print_table(summary)
+    print_tables(summary)
     if args.plot:
         plot(summary, args.plot)
         print(f"plot: {args.plot}")

@@ -70,6 +70,8 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--text-mode", choices=get_args(TextMode), default=defaults.text_mode,
                    help="plain text: one document per file or per line")
     p.add_argument("--hf-split", default=defaults.hf_split, help="split of a Hugging Face dataset")
+    p.add_argument("--hf-name", default=None, help="configuration (subset) of a Hugging Face dataset")
+    p.add_argument("--hf-data-dir", default=None, help="folder within a Hugging Face dataset")
     p.add_argument("--batch-documents", type=int, default=defaults.batch_documents, help="documents per encoding batch")
     p.add_argument("--no-fast-bpe", dest="fast_bpe", action="store_false",
                    help="encode with the tokenizers library only, never tiktoken (which is used for byte-level BPE "
@@ -94,9 +96,10 @@ def parse_args(argv=None) -> PreprocessConfig:
     return PreprocessConfig(
         input=args.input, output_prefix=args.output_prefix, tokenizer=tokenizer, merge_file=merge_file,
         json_keys=args.json_keys, input_format=args.input_format, text_mode=args.text_mode, hf_split=args.hf_split,
-        workers=args.workers, partitions=args.partitions, append_eod=args.append_eod, eod_token=eod_token,
-        skip_invalid=args.skip_invalid, allow_empty=args.allow_empty, batch_documents=args.batch_documents, log_interval=args.log_interval,
-        fast_bpe=args.fast_bpe, verify_chars=args.verify_chars)
+        hf_name=args.hf_name, hf_data_dir=args.hf_data_dir, workers=args.workers, partitions=args.partitions,
+        append_eod=args.append_eod, eod_token=eod_token, skip_invalid=args.skip_invalid, allow_empty=args.allow_empty,
+        batch_documents=args.batch_documents, log_interval=args.log_interval, fast_bpe=args.fast_bpe,
+        verify_chars=args.verify_chars)
 
 
 def _tokenizer_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str | None, str]:

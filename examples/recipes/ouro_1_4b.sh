@@ -3,7 +3,7 @@
 # (configs/curriculum/ouro_1_4b.yaml: Stage 1 at 4K with T = 8 then T = 4, CT annealing at 16K with
 # RoPE 40K, long-context at 64K with RoPE 1M, mid-training, then Stage II gate training), export.
 # Run from the repository root on a login node; steps 2 and 3 are SLURM jobs. Comment out the steps
-# already done when you run it again (preprocessing rewrites its shards).
+# already done when you run it again.
 #
 #   ARTIFACTS=/shared/ouro RUN_DIR=/shared/runs/ouro_1_4b NODES=8 bash examples/recipes/ouro_1_4b.sh
 set -euo pipefail
@@ -15,11 +15,13 @@ TOKENIZER=${TOKENIZER:-$ARTIFACTS/Ouro-1.4B/tokenizer.json}
 WORKERS=${WORKERS:-32}
 CURRICULUM=${CURRICULUM:-configs/curriculum/ouro_1_4b.yaml}
 
-# 1. Tokenize (one line per mixture ingredient; the prefixes are those the curriculum names under
-#    data/: edit the curriculum's data.prefixes or link data/ to where the shards are).
-python tools/preprocess_data.py --input "$ARTIFACTS/datasets/fineweb-edu" --input-format parquet \
-    --tokenizer "$TOKENIZER" --output-prefix data/stage1/web --append-eod --workers "$WORKERS"
-#   ... the same for data/stage1/code, data/stage1/math, data/stage2/*, data/long/*, data/mid/*.
+# 1. Tokenize every source of the paper's mixtures (examples/recipes/ouro_data.yaml) into
+#    data/<source>_text_document, the prefixes the curriculum names; sources on the Hub stream through
+#    `datasets` (this step needs the network), the others were fetched by download_artifacts.sh. The
+#    mid-training SFT mixture is not released: OURO_SFT_DATA names its JSONL files. Sources already
+#    tokenized are skipped.
+python examples/recipes/ouro_data.py preprocess --artifacts "$ARTIFACTS" --tokenizer "$TOKENIZER" \
+    --data-dir data --workers "$WORKERS"
 
 # 2. Pretrain: one job carries the run through every stage; a preempted or timed-out job is
 #    requeued and resumes from its latest checkpoint (examples/slurm/pretrain.sbatch). For runs
@@ -35,5 +37,5 @@ echo "submitted $job; follow with: tail -f ouro_1_4b-$job.out"
 sbatch --parsable --dependency=afterok:"$job" --nodes=1 --ntasks=1 --cpus-per-task=16 --mem=128G \
     --job-name=ouro_1_4b_export --output="ouro_1_4b_export-%j.out" --wrap "set -e
 python tools/convert_checkpoint.py --checkpoint $RUN_DIR/checkpoints --output $RUN_DIR/model
-python tools/eval_loops.py --model $RUN_DIR/model --data data/stage2/web_hq_text_document --seq-length 4096 --output $RUN_DIR/eval
+python tools/eval_loops.py --model $RUN_DIR/model --data data/nemotron_cc_hq_text_document --seq-length 4096 --output $RUN_DIR/eval
 python tools/convert_checkpoint.py --model $RUN_DIR/model --to-hf $RUN_DIR/hf --tokenizer $TOKENIZER"

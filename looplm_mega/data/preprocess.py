@@ -64,6 +64,8 @@ class PreprocessConfig:
     input_format: InputFormat = "auto"
     text_mode: TextMode = "file"  # plain text: one document per file, or one per line
     hf_split: str = "train"
+    hf_name: Optional[str] = None  # a Hugging Face dataset's configuration (subset)
+    hf_data_dir: Optional[str] = None  # a folder within a Hugging Face dataset
     workers: int = 1
     partitions: int = 1
     append_eod: bool = False
@@ -294,7 +296,8 @@ def _preprocess_job(job: _Job) -> PreprocessSummary:
     keys = config.json_keys
     tokenizer = Tokenizer.from_str(job.tokenizer_json)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    reader = DocumentReader(job.inputs, keys, config.input_format, config.text_mode, config.skip_invalid, config.hf_split)
+    reader = DocumentReader(job.inputs, keys, config.input_format, config.text_mode, config.skip_invalid, config.hf_split,
+                            config.hf_name, config.hf_data_dir)
     # The input position when each batch was cut: progress reports it when the batch is written,
     # not the reader's position, which runs ahead by the batches in flight.
     positions: deque[int] = deque()

@@ -135,7 +135,8 @@ class DocumentReader:
 
     def __init__(self, inputs: str | Path | Sequence[str | Path], keys: Sequence[str] = ("text",),
                  input_format: InputFormat = "auto", text_mode: TextMode = "file",
-                 skip_invalid: bool = False, hf_split: str = "train"):
+                 skip_invalid: bool = False, hf_split: str = "train", hf_name: str | None = None,
+                 hf_data_dir: str | None = None):
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         self.inputs = [str(spec) for spec in inputs]
@@ -145,7 +146,8 @@ class DocumentReader:
         self.input_format = input_format
         self.text_mode = text_mode
         self.skip_invalid = skip_invalid
-        self.hf_split = hf_split
+        # A Hugging Face dataset's split, configuration (subset) and folder within the dataset.
+        self.hf_split, self.hf_name, self.hf_data_dir = hf_split, hf_name, hf_data_dir
         self.skipped: Counter[str] = Counter()
         self.files = [] if input_format == "hf" else expand_inputs(self.inputs, input_format)
         self.formats = [input_format if input_format != "auto" else detect_format(f) for f in self.files]
@@ -306,7 +308,8 @@ class DocumentReader:
             local = []
         if len(self.inputs) == 1 and Path(self.inputs[0]).is_dir():
             source = self.inputs[0]
-            dataset = datasets.load_dataset(source, split=self.hf_split, streaming=True)
+            dataset = datasets.load_dataset(source, self.hf_name, data_dir=self.hf_data_dir, split=self.hf_split,
+                                            streaming=True)
         elif local:
             source = ", ".join(self.inputs)
             formats = {_hf_file_format(p) for p in local}
@@ -318,7 +321,8 @@ class DocumentReader:
             source = self.inputs[0]
             if len(self.inputs) != 1:
                 raise InvalidInputError(f"{', '.join(self.inputs)}: one Hugging Face dataset name at a time")
-            dataset = datasets.load_dataset(source, split=self.hf_split, streaming=True)
+            dataset = datasets.load_dataset(source, self.hf_name, data_dir=self.hf_data_dir, split=self.hf_split,
+                                            streaming=True)
         for row, record in enumerate(dataset, 1):
             texts = self._texts_of(record, f"{source}, row {row}")
             if texts is not None:

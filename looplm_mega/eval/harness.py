@@ -8,7 +8,7 @@
 its command line to lm-eval's.) Model arguments: pretrained (a model directory or released-format
 directory), tokenizer (default: the model directory's tokenizer.json), num_loops (loop count),
 exit / exit_loop / exit_threshold / exit_eps (inference.exit_rules: scoring reads each token out
-at its exit step; generation skips the loops after it), kv_sharing (full | last | mean, for
+at its exit step; generation skips the loops after it), kv_sharing (full | last | mean | first, for
 generate_until), dtype, max_length (default: max_position_embeddings).
 """
 

@@ -25,15 +25,26 @@ hidden-64 model still answered only about half of the single operators after 4,0
 of a CPU run to composing them. p = 2 is degenerate: + and - are both XOR, so a tree of them is
 the parity of its leaves, which one attention layer computes without composing anything.
 
+The test set is held out: its expressions are distinct, and training never sees one of them. An
+expression is identified by its prefix tokens (prefix notation of binary operators is unambiguous,
+so equal tokens mean equal trees); a training draw whose tokens are a test expression's is
+redrawn and counted (ManoBatch.excluded). Only draws with exactly L operators can collide. For the
+test to measure composition rather than recall, the space must also dwarf the training draws:
+count_expressions(L, p) = p^(L+1) 3^L Catalan(L) is 10,935 for p = 3 at L = 3 (a few thousand
+steps draw every one), but 7.4 million at L = 5 and 210 million at L = 6.
+
 Every sequence is padded on the right to seq_len(L) = 2L + 5 tokens, so a batch is one tensor.
-Randomness is numpy's: training batch k is a function of (seed, k) alone (random access, so a
-resumed or re-run job sees the same data), and the test set of (L, size, seed) is always the same.
+Randomness is numpy's: training batch k is a function of (seed, k, the held-out set) alone (random
+access, so a resumed or re-run job sees the same data), and the test set of (L, size, seed) is
+always the same.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import AbstractSet, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +135,20 @@ def random_expression(num_ops: int, rng: np.random.Generator, modulus: int = MOD
     return tokens, value
 
 
+def count_expressions(num_ops: int, modulus: int = MODULUS) -> int:
+    """How many distinct expressions have exactly `num_ops` operators: modulus^(n+1) leaves x
+    3^n operators x Catalan(n) tree shapes."""
+    _check_ops(num_ops, "num_ops")
+    check_modulus(modulus)
+    shapes = math.comb(2 * num_ops, num_ops) // (num_ops + 1)
+    return modulus ** (num_ops + 1) * len(OPERATORS) ** num_ops * shapes
+
+
+def expression_key(tokens: Sequence[int]) -> bytes:
+    """An expression's identity: its prefix tokens (every id is below 256), as compact bytes."""
+    return bytes(int(t) for t in tokens)
+
+
 @dataclass
 class ManoBatch:
     input_ids: torch.Tensor  # [B, seq_len] (right-padded with <pad>)
@@ -131,27 +156,46 @@ class ManoBatch:
     answer_positions: torch.Tensor  # [B]: the index of <ans>, whose next token is the answer
     answers: torch.Tensor  # [B]: the value, 0..modulus-1 (== the answer token id)
     num_ops: torch.Tensor  # [B]: operators in each expression
+    # Draws redrawn while making the batch: held-out expressions (training), repeats (the test set).
+    excluded: int = 0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def slice(self, start: int, end: int) -> "ManoBatch":
+        """Rows start..end (for evaluation in chunks; `excluded` belongs to the whole batch)."""
         return ManoBatch(*(t[start:end] for t in (self.input_ids, self.labels, self.answer_positions,
                                                     self.answers, self.num_ops)))
 
+    def expression_keys(self) -> list[bytes]:
+        """expression_key of each row's expression (the tokens between <len_n> and <ans>)."""
+        return [expression_key(row[2:position]) for row, position in
+                zip(self.input_ids.tolist(), self.answer_positions.tolist())]
 
-def make_batch(num_ops: Sequence[int], rng: np.random.Generator, max_ops: int, modulus: int = MODULUS) -> ManoBatch:
+
+def make_batch(num_ops: Sequence[int], rng: np.random.Generator, max_ops: int, modulus: int = MODULUS,
+               exclude: AbstractSet[bytes] = frozenset(), distinct: bool = False) -> ManoBatch:
     """One sequence per entry of num_ops, padded to seq_len(max_ops). Labels follow
     LoopLM.forward's convention (labels[:, i] is the token after position i): the only label is
-    the answer, at the <ans> position."""
+    the answer, at the <ans> position. A draw whose expression_key is in `exclude` (or, with
+    `distinct`, already in the batch) is redrawn from the same generator, so the batch stays a
+    function of its seed; the redraws are counted."""
+    if distinct:
+        exclude = set(exclude)
     length = seq_len(max_ops)
     ids = np.full((len(num_ops), length), PAD, dtype=np.int64)
     labels = np.full((len(num_ops), length), IGNORE_INDEX, dtype=np.int64)
     positions, answers = [], []
+    excluded = 0
     for row, n in enumerate(num_ops):
         if not 1 <= n <= max_ops:
             raise ValueError(f"num_ops={n} is outside 1..max_ops={max_ops}")
         expression, value = random_expression(int(n), rng, modulus)
+        while exclude and expression_key(expression) in exclude:
+            excluded += 1
+            expression, value = random_expression(int(n), rng, modulus)
+        if distinct:
+            exclude.add(expression_key(expression))
         sequence = [BOS, len_token(int(n)), *expression, ANS, value]
         ids[row, : len(sequence)] = sequence
         answer_position = len(sequence) - 2  # the <ans> token
@@ -159,19 +203,27 @@ def make_batch(num_ops: Sequence[int], rng: np.random.Generator, max_ops: int, m
         positions.append(answer_position)
         answers.append(value)
     return ManoBatch(torch.from_numpy(ids), torch.from_numpy(labels), torch.tensor(positions),
-                     torch.tensor(answers), torch.tensor([int(n) for n in num_ops]))
+                     torch.tensor(answers), torch.tensor([int(n) for n in num_ops]), excluded)
 
 
 class MANO:
-    """Training batches generated on the fly. Batch k depends only on (seed, k): every sequence's
-    operator count is uniform in 1..max_ops, then its expression is drawn as in random_expression."""
+    """Training batches generated on the fly. Batch k depends only on (seed, k, held_out): every
+    sequence's operator count is uniform in 1..max_ops, then its expression is drawn as in
+    random_expression, and redrawn while it is one of `held_out`'s (the test set's) expressions."""
 
-    def __init__(self, max_ops: int, batch_size: int, seed: int = 0, modulus: int = MODULUS):
+    def __init__(self, max_ops: int, batch_size: int, seed: int = 0, modulus: int = MODULUS,
+                 held_out: Optional[ManoBatch] = None):
         _check_ops(max_ops, "max_ops")
         check_modulus(modulus)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.max_ops, self.batch_size, self.seed, self.modulus = max_ops, batch_size, seed, modulus
+        self.exclude = frozenset(held_out.expression_keys()) if held_out is not None else frozenset()
+        held = Counter(len(key) // 2 for key in self.exclude)  # 2n + 1 tokens: n operators
+        for n, count in held.items():
+            if n <= max_ops and count >= count_expressions(n, modulus):
+                raise ValueError(f"the held-out set holds all {count} expressions with {n} operators over "
+                                 f"Z_{modulus}: training could draw none of them")
 
     @property
     def vocab_size(self) -> int:
@@ -184,7 +236,7 @@ class MANO:
     def batch(self, index: int) -> ManoBatch:
         rng = np.random.default_rng([self.seed, TRAIN_STREAM, index])
         num_ops = rng.integers(1, self.max_ops + 1, size=self.batch_size).tolist()
-        return make_batch(num_ops, rng, self.max_ops, self.modulus)
+        return make_batch(num_ops, rng, self.max_ops, self.modulus, self.exclude)
 
     def __iter__(self) -> Iterator[ManoBatch]:
         index = 0
@@ -194,15 +246,18 @@ class MANO:
 
 
 def make_test_set(max_ops: int, size: int = 2000, seed: int = DEFAULT_TEST_SEED, modulus: int = MODULUS) -> ManoBatch:
-    """The held-out test set: `size` expressions with exactly max_ops operators, the same for the
-    same (max_ops, size, seed, modulus) whatever the training seed (its numbers come from a stream that
-    training never uses). It is not made disjoint from the training data: an expression with L
-    operators is one of 23^(L+1) 3^L Catalan(L) (e.g. 7e9 at L = 4), so a repeat is rare, and the
-    paper does not exclude repeats either."""
+    """The held-out test set: `size` distinct expressions with exactly max_ops operators, the same
+    for the same (max_ops, size, seed, modulus) whatever the training seed (its numbers come from a
+    stream that training never uses), and a smaller set is a prefix of a larger one. Pass it to
+    MANO as `held_out` to keep its expressions out of training."""
     if size < 1:
         raise ValueError(f"test set size={size} must be at least 1")
+    space = count_expressions(max_ops, modulus)
+    if size > space:
+        raise ValueError(f"test set size={size} exceeds the {space} distinct expressions with {max_ops} "
+                         f"operators over Z_{modulus}")
     rng = np.random.default_rng([seed, TEST_STREAM])
-    return make_batch([max_ops] * size, rng, max_ops, modulus)
+    return make_batch([max_ops] * size, rng, max_ops, modulus, distinct=True)
 
 
 @torch.no_grad()

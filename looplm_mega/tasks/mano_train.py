@@ -3,8 +3,9 @@ accuracy; plus the sweep grid and the CSV that tools/mano_sweep.py and tools/man
 
 The model is LoopLM itself, trained on the last loop's answer (or, with objective="stage1", on
 Ouro's Stage I loss over all loops) with AdamW (weight decay 0.1 on matrices, as in the paper),
-linear warm-up and cosine decay. Accuracy is read from the last loop, as a looped model without
-early exit would answer.
+linear warm-up and cosine decay, on training data that never contains a test expression
+(mano.MANO's held_out). Accuracy is read from every loop; the last loop's is the model's answer
+without early exit.
 """
 
 from __future__ import annotations
@@ -32,24 +33,34 @@ from looplm_mega.training.optimizer import parameter_groups
 from looplm_mega.training.schedules import learning_rate
 
 # The columns of a result row, in order (one row per trained model).
+# accuracy: the last loop's; loop_accuracy: after each loop, "/"-separated; baseline: the share of
+# the test set's most common answer (what always answering it scores); excluded: training draws
+# redrawn because they were test expressions; seconds: wall time; cpu_seconds: the process's CPU
+# time (the cost of the run, whatever else loads the machine).
 CSV_FIELDS = ("config", "layers", "loops", "depth", "max_ops", "modulus", "hidden_size", "objective", "seed", "lr",
-              "steps", "batch_size", "accuracy", "loop_accuracy", "final_loss", "params", "seconds")
+              "steps", "batch_size", "accuracy", "loop_accuracy", "baseline", "final_loss", "excluded", "params",
+              "seconds", "cpu_seconds")
+OBJECTIVES = ("last", "stage1")
 
 
 @dataclass
 class ManoRun:
-    """One training run. The defaults are the CPU-sized setting of tools/mano_sweep.py."""
+    """One training run. The defaults are the looped arm of the CPU study (tools/mano_sweep.py,
+    README "Mano") at the middle of its learning rates."""
 
-    layers: int = 1
+    layers: int = 2
     loops: int = 3
-    max_ops: int = 3  # L: training draws 1..L operators, the test uses exactly L
+    # L: training draws 1..L operators, the test uses exactly L. 5 is the smallest L at which the
+    # expressions with L operators over Z_3 (7.4 million) dwarf a CPU run's training draws with L
+    # operators (1,500 x 128 / 5 = 38,400).
+    max_ops: int = 5
     # 23 in the paper; 3 leaves a CPU run's budget to composing operators rather than memorising
     # F_23's tables (mano.py).
     modulus: int = 3
     seed: int = 0  # model initialisation and training data
-    lr: float = 5e-3
-    steps: int = 4000
-    batch_size: int = 128
+    lr: float = 3e-3
+    steps: int = 1500
+    batch_size: int = 128  # the paper's
     hidden_size: int = 64
     num_heads: int = 4
     intermediate_size: Optional[int] = None  # None: 2 x hidden_size (measured, seed 0: no worse than 4x, faster)
@@ -64,9 +75,8 @@ class ManoRun:
     sublayer_norm_init: float = 1.0
     # "last": cross-entropy of the last loop's answer only, as looped transformers are usually
     # trained on reasoning tasks: the earlier loops are free to compute instead of answering.
-    # Measured on the default setting (1x3, seed 0, 3,000 steps), "stage1" (Ouro's objective,
-    # every loop's read-out weighted by the exit gate) reached 65% where "last" reached 68%.
-    objective: Literal["stage1", "last"] = "last"
+    # "stage1": Ouro's objective, every loop's read-out weighted by the exit gate.
+    objective: Literal["last", "stage1"] = "last"
     test_size: int = 2000
     test_seed: int = mano.DEFAULT_TEST_SEED
 
@@ -76,8 +86,8 @@ class ManoRun:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         mano.check_modulus(self.modulus)
-        if self.objective not in ("stage1", "last"):
-            raise ValueError(f"objective={self.objective!r} must be 'stage1' or 'last'")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} must be one of {OBJECTIVES}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be positive")
 
@@ -117,11 +127,11 @@ def train_mano(run: ManoRun, log: Optional[Callable[[str], None]] = print, log_e
     """Train one model and return its CSV row (CSV_FIELDS). `log` receives a progress line every
     `log_every` steps (None: silent), with the test accuracy every `eval_every` steps (0: only at
     the end; a learning curve costs a forward pass over the test set each time)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(run.seed)
     model = LoopLM(run.model_config())
-    data = mano.MANO(run.max_ops, run.batch_size, seed=run.seed, modulus=run.modulus)
     test = mano.make_test_set(run.max_ops, run.test_size, run.test_seed, run.modulus)
+    data = mano.MANO(run.max_ops, run.batch_size, seed=run.seed, modulus=run.modulus, held_out=test)
     warmup = run.warmup_steps if run.warmup_steps is not None else min(200, run.steps // 10)
     optim_config = OptimizerConfig(lr=run.lr, min_lr=run.lr * run.min_lr_ratio, weight_decay=run.weight_decay)
     schedule = ScheduleConfig(kind="cosine", warmup_steps=warmup)
@@ -130,11 +140,13 @@ def train_mano(run: ManoRun, log: Optional[Callable[[str], None]] = print, log_e
     model.train()
     recent: list[float] = []
     loss_value = math.nan
+    excluded = 0
     for step in range(run.steps):
         lr = learning_rate(step, run.steps, optim_config, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = data.batch(step)
+        excluded += batch.excluded
         loss = mano_loss(model, batch, run.objective)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,19 +176,26 @@ def train_mano(run: ManoRun, log: Optional[Callable[[str], None]] = print, log_e
         "max_ops": run.max_ops, "modulus": run.modulus, "hidden_size": run.hidden_size,
         "objective": run.objective, "seed": run.seed, "lr": run.lr,
         "steps": run.steps, "batch_size": run.batch_size, "accuracy": round(accuracies[-1], 5),
-        "loop_accuracy": "/".join(f"{a:.4f}" for a in accuracies), "final_loss": round(loss_value, 5),
-        "params": model.num_parameters(), "seconds": round(seconds, 1),
+        "loop_accuracy": "/".join(f"{a:.4f}" for a in accuracies),
+        "baseline": round(test.answers.bincount().max().item() / len(test), 5), "final_loss": round(loss_value, 5),
+        "excluded": excluded, "params": model.num_parameters(), "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
 
 
-def sweep_grid(shapes: Sequence[str], max_ops: Sequence[int], lrs: Sequence[float], steps: Sequence[int],
-               seeds: Sequence[int], **common) -> list[ManoRun]:
-    """Every combination, in this fixed order (the last varies fastest): shape, L, lr, steps, seed.
-    Task id i of a job array is entry i. `common`: the other ManoRun fields."""
+def sweep_grid(shapes: Sequence[str], max_ops: Sequence[int], objectives: Sequence[str], lrs: Sequence[float],
+               steps: Sequence[int], seeds: Sequence[int], **common) -> list[ManoRun]:
+    """Every combination, in this fixed order (the last varies fastest): shape, L, objective, lr,
+    steps, seed; except that a one-loop shape runs with the first objective only, since with one
+    loop both objectives are the same loss. Task id i of a job array is entry i. `common`: the
+    other ManoRun fields."""
     runs = []
-    for shape, ops, lr, num_loops, seed in itertools.product(shapes, max_ops, lrs, steps, seeds):
+    for shape, ops, objective, lr, num_steps, seed in itertools.product(shapes, max_ops, objectives, lrs, steps, seeds):
         layers, loops = parse_shape(shape)
-        runs.append(ManoRun(layers=layers, loops=loops, max_ops=ops, lr=lr, steps=num_loops, seed=seed, **common))
+        if loops == 1 and objective != objectives[0]:
+            continue
+        runs.append(ManoRun(layers=layers, loops=loops, max_ops=ops, objective=objective, lr=lr, steps=num_steps,
+                            seed=seed, **common))
     return runs
 
 

@@ -51,6 +51,9 @@ class Trainer:
         # or engine exists: such errors stop the run in seconds, with one message per rank.
         config.check_batches(check_parallel_sizes(launched_world_size(), config.parallel.tp, config.parallel.pp))
         config.check_data()
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.resume = resume_tag(self.checkpoint_dir, config.training.resume_from)  # complete, sizes right
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.parallel = initialize_parallel(config.parallel.tp, config.parallel.pp, config.parallel.sequence_parallel)
@@ -58,11 +61,7 @@ class Trainer:
         self.data_parallel_size = self.parallel.dp
         self.curriculum = config.curriculum_plan()
         self.total_steps = self.curriculum.total_steps
-        self.run_dir = Path(config.run_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
         self.engine_class = PipelineEngine if self.parallel.pp > 1 else DeepSpeedEngine
-        # The checkpoint to resume from, checked (on every rank alike) before any process group.
-        self.resume = resume_tag(self.checkpoint_dir, config.training.resume_from)
         # The layer count of the model to resume (an upcycled run's checkpoints hold more layers
         # than its config names), else of the model to start from, else of the config.
         model_config = config.model_config()

@@ -179,6 +179,18 @@ def test_huggingface_datasets_reads_local_files(tmp_path):
     assert [(d.text, d.line) for d in documents] == [(r["text"], i + 1) for i, r in enumerate(GOOD)]
 
 
+def test_huggingface_datasets_reads_a_folder_of_a_dataset_directory(tmp_path):
+    """--hf-data-dir: a folder within the dataset (as MegaMath's subsets are), as load_dataset's data_dir."""
+    for folder in ("web", "pro"):
+        (tmp_path / folder).mkdir()
+    _jsonl(tmp_path / "web/a.jsonl", GOOD[:1])
+    _jsonl(tmp_path / "pro/b.jsonl", GOOD[1:])
+    _, documents = _read(tmp_path, input_format="hf", hf_data_dir="pro")
+    assert [d.text for d in documents] == [r["text"] for r in GOOD[1:]]
+    _, documents = _read(tmp_path, input_format="hf", hf_data_dir="web")
+    assert [d.text for d in documents] == [GOOD[0]["text"]]
+
+
 def test_expand_inputs_files_directories_and_globs(tmp_path):
     for name in ("b.jsonl", "a.jsonl.gz", "sub/c.parquet", "notes.md", ".hidden/d.jsonl", "sub/.e.jsonl"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ def test_recipe_is_valid_bash(script):
 
 def test_recipes_call_tools_with_flags_they_take_and_name_files_that_exist():
     text = "\n".join(s.read_text().replace("\\\n", " ") for s in SCRIPTS)
-    calls = re.findall(r"python (tools/\w+\.py)([^\n\"]*)", text)
-    assert {tool for tool, _ in calls} >= {"tools/preprocess_data.py", "tools/convert_checkpoint.py", "tools/upcycle.py",
-                                           "tools/eval_loops.py"}
+    calls = re.findall(r"python ((?:tools|examples/recipes)/\w+\.py)([^\n\"]*)", text)
+    assert {tool for tool, _ in calls} >= {"examples/recipes/ouro_data.py", "tools/convert_checkpoint.py",
+                                           "tools/upcycle.py", "tools/eval_loops.py"}
     helps = {}
     for tool, args in calls:
         if tool not in helps:

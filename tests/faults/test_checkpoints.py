@@ -126,3 +126,25 @@ def test_a_tensor_parallel_checkpoint_continues_without_tensor_parallelism(datas
     tp1 = _resumable_copy(tp2, "step00000004", tmp_path / "tp1")  # TP 2 -> 1
     run_distributed(_pretrain, 1, run_config(dataset, tp1, deepspeed=ZERO2))
     _assert_continues(tp1, reference, [5, 6])
+
+
+@pytest.mark.parametrize("damage", ["latest", "shard"])
+def test_a_damaged_checkpoint_stops_the_entry_point_with_one_message(dataset, reference, tmp_path, damage):
+    import subprocess
+    import sys
+
+    from looplm_mega.config import save_yaml
+
+    run_dir = _resumable_copy(reference, "step00000006", tmp_path / "run")
+    if damage == "latest":
+        (run_dir / "checkpoints" / LATEST).write_text("step00000009")
+    else:
+        shard = sorted((run_dir / "checkpoints" / "step00000006").glob("*optim_states.pt"))[0]
+        shard.write_bytes(shard.read_bytes()[:1000])
+    save_yaml(run_config(dataset, run_dir, deepspeed=ZERO2), tmp_path / "run.yaml")
+    done = subprocess.run([sys.executable, "-m", "looplm_mega.pretrain", "--config", str(tmp_path / "run.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("checkpoint error: ") and "--training.resume_from none" in message
+    assert ("names 'step00000009'" if damage == "latest" else "optim_states.pt: 1,000 bytes") in message

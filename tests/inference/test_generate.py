@@ -96,10 +96,11 @@ def test_hidden_difference_exit(model):
     assert always.loops_per_token == 2  # the first step with a previous state to compare to
 
 
-@pytest.mark.parametrize("sharing", ["last", "mean"])
+@pytest.mark.parametrize("sharing", ["last", "mean", "first"])
 def test_shared_kv_cache_is_a_full_cache_whose_past_steps_hold_the_shared_keys(model, sharing):
     """Decoding with a shared cache equals decoding with a full cache in which every step's
-    entries of the earlier tokens were replaced by the last step's (or the mean over steps)."""
+    entries of the earlier tokens were replaced by the last step's (or the mean over steps, or
+    the first step's)."""
     prompt, T = PROMPTS[0], 3
     ids, valid = left_pad([prompt])
     positions, rows = torch.arange(len(prompt)).unsqueeze(0), torch.arange(1)
@@ -108,7 +109,7 @@ def test_shared_kv_cache_is_a_full_cache_whose_past_steps_hold_the_shared_keys(m
     for cache in (shared, full):
         logits, _ = _run_chunk(model, cache, ids, positions, valid, rows, ExitRule(), skip=False)
     for store in (full.keys, full.values):
-        replacement = store[-1] if sharing == "last" else store.mean(dim=0)
+        replacement = {"last": store[-1], "mean": store.mean(dim=0), "first": store[0]}[sharing]
         store[:] = replacement.unsqueeze(0)
     torch.testing.assert_close(shared.keys[0], full.keys[0], rtol=1e-6, atol=1e-6)
     token = torch.tensor([[int(logits.argmax())]])
@@ -120,7 +121,7 @@ def test_shared_kv_cache_is_a_full_cache_whose_past_steps_hold_the_shared_keys(m
 
 def test_shared_caches_generate_and_use_one_loop_of_memory(model):
     full = generate(model, PROMPTS, GenerationConfig(max_new_tokens=4))
-    for sharing in ("last", "mean"):
+    for sharing in ("last", "mean", "first"):
         result = generate(model, PROMPTS, GenerationConfig(max_new_tokens=4, kv_sharing=sharing))
         assert result.cache_bytes * 3 == full.cache_bytes
         assert [len(t) for t in result.tokens] == [4, 4, 4]

@@ -113,6 +113,50 @@ def test_the_held_out_test_set_is_fixed():
     assert not torch.equal(train.input_ids, first.input_ids)
 
 
+def all_expressions(num_ops: int, modulus: int) -> set[tuple[int, ...]]:
+    """Every prefix expression with num_ops operators, enumerated (independently of the generator's
+    counting formula)."""
+    if num_ops == 0:
+        return {(leaf,) for leaf in range(modulus)}
+    return {(op, *left, *right) for op in mano.OPERATORS for k in range(num_ops)
+            for left in all_expressions(k, modulus) for right in all_expressions(num_ops - 1 - k, modulus)}
+
+
+@pytest.mark.parametrize("num_ops,modulus", [(1, 23), (2, 2), (3, 3), (4, 2)])
+def test_count_expressions_counts_what_the_generator_can_draw(num_ops, modulus):
+    space = all_expressions(num_ops, modulus)
+    assert mano.count_expressions(num_ops, modulus) == len(space)
+    if num_ops <= 2:  # small enough to draw every one
+        rng = np.random.default_rng(0)
+        drawn = {tuple(mano.random_expression(num_ops, rng, modulus)[0]) for _ in range(20 * len(space))}
+        assert drawn == space
+
+
+def test_training_never_draws_a_test_expression():
+    """A space of 144 expressions with L = 2 operators over Z_2, 60 of them held out: without the
+    exclusion training draws them often; with it never, and every redraw is counted."""
+    test = mano.make_test_set(2, 60, modulus=2)
+    held = set(test.expression_keys())
+    assert len(held) == 60 and test.num_ops.tolist() == [2] * 60
+    plain = mano.MANO(2, 200, seed=0, modulus=2)
+    assert sum(key in held for i in range(5) for key in plain.batch(i).expression_keys()) > 100
+    data = mano.MANO(2, 200, seed=0, modulus=2, held_out=test)
+    batches = [data.batch(i) for i in range(5)]
+    assert not held & {key for b in batches for key in b.expression_keys()}
+    assert sum(b.excluded for b in batches) > 100
+    assert sum(int((b.num_ops == 2).sum()) for b in batches) > 400  # the other 2-operator expressions remain
+    assert torch.equal(data.batch(3).input_ids, batches[3].input_ids)  # still a function of the seed and index
+
+
+def test_the_test_set_is_distinct_and_bounded_by_the_space():
+    whole = mano.make_test_set(2, 144, modulus=2)  # every expression, each once
+    assert len(set(whole.expression_keys())) == 144
+    with pytest.raises(ValueError, match="size=145 exceeds the 144 distinct expressions with 2 operators over Z_2"):
+        mano.make_test_set(2, 145, modulus=2)
+    with pytest.raises(ValueError, match="holds all 144 expressions with 2 operators over Z_2"):
+        mano.MANO(3, 4, modulus=2, held_out=whole)  # training at L = 3 draws 2-operator expressions too
+
+
 def test_labels_follow_the_looplm_convention():
     """LoopLM's loss on a Mano batch is the CE of the answer read out at the <ans> position."""
     run = ManoRun(layers=1, loops=2, max_ops=3, hidden_size=16, num_heads=2)
@@ -167,6 +211,8 @@ def test_a_tiny_training_run_gives_a_csv_row(tmp_path, objective):
     row = train_mano(run, log=lines.append, log_every=1, eval_every=2)
     assert set(row) == set(CSV_FIELDS)
     assert row["config"] == "1x2" and row["depth"] == 2 and row["steps"] == 3 and 0 <= row["accuracy"] <= 1
+    assert 1 / 23 <= row["baseline"] <= 1 and isinstance(row["excluded"], int)
+    assert 0 < row["cpu_seconds"] and 0 < row["seconds"]
     assert len(row["loop_accuracy"].split("/")) == 2 and row["params"] > 0
     assert any("step 3/3" in line and "it/s" in line and "ETA" in line for line in lines)
     assert any("step 2 test accuracy" in line for line in lines)
@@ -200,11 +246,20 @@ def test_processes_appending_to_one_csv_write_one_header_and_whole_rows(tmp_path
     assert all(len(r) == len(CSV_FIELDS) and r["params"] == "x" for r in rows)
 
 
-def test_sweep_grid_order_varies_the_seed_fastest():
-    grid = sweep_grid(["2x1", "2x4"], [3], [1e-3, 2e-3], [10], [0, 1], hidden_size=16)
-    assert [(r.config_name, r.lr, r.seed) for r in grid[:5]] == [
-        ("2x1", 1e-3, 0), ("2x1", 1e-3, 1), ("2x1", 2e-3, 0), ("2x1", 2e-3, 1), ("2x4", 1e-3, 0)]
-    assert len(grid) == 8 and all(r.hidden_size == 16 for r in grid)
+def test_a_training_run_counts_its_excluded_draws():
+    run = ManoRun(layers=1, loops=1, max_ops=2, modulus=2, steps=4, batch_size=64, hidden_size=16, num_heads=2,
+                  test_size=100)
+    row = train_mano(run, log=None)
+    assert row["excluded"] > 20  # 100 of the 144 two-operator expressions are held out
+
+
+def test_sweep_grid_order_varies_the_seed_fastest_and_unlooped_shapes_run_one_objective():
+    grid = sweep_grid(["2x1", "2x4"], [3], ["last", "stage1"], [1e-3, 2e-3], [10], [0, 1], hidden_size=16)
+    assert [(r.config_name, r.objective, r.lr, r.seed) for r in grid[:6]] == [
+        ("2x1", "last", 1e-3, 0), ("2x1", "last", 1e-3, 1), ("2x1", "last", 2e-3, 0), ("2x1", "last", 2e-3, 1),
+        ("2x4", "last", 1e-3, 0), ("2x4", "last", 1e-3, 1)]
+    assert [(r.config_name, r.objective) for r in grid[8:9]] == [("2x4", "stage1")]
+    assert len(grid) == 12 and all(r.hidden_size == 16 for r in grid)
 
 
 def test_bad_inputs_name_the_value(tmp_path):
