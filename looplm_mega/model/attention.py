@@ -7,7 +7,6 @@ so the dense SDPA mask or flash-attn's cumulative sequence lengths are built onl
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,14 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=None)
+# An optional extra (pip install .[gpu]). Imported with this module rather than at the first
+# attention call: torch.compile cannot trace a failing import, and would run every layer eagerly.
+try:
+    import flash_attn as _flash_attn
+except ImportError:
+    _flash_attn = None
+
+
 def flash_attn_module():
-    """The flash_attn package, or None when it is not installed (it is an optional extra)."""
-    try:
-        import flash_attn
-    except ImportError:
-        return None
-    return flash_attn
+    """The flash_attn package, or None when it is not installed."""
+    return _flash_attn
 
 
 def segment_ids_from_eod(input_ids: torch.Tensor, eod_token_id: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from looplm_mega.model.attention import (
     AttentionMask, attention, flash_attn_module, positions_from_segments, resolve_backend, segment_ids_from_eod,
@@ -48,3 +49,13 @@ def test_flash_attn_agrees_with_sdpa(documents):
     flash = attention(q, k, v, AttentionMask(segments), backend="flash")
     sdpa = attention(q, k, v, AttentionMask(segments), backend="sdpa")
     torch.testing.assert_close(flash.float(), sdpa.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_attention_traces_into_one_graph_under_checkpointing():
+    # torch.compile of the loop step (tools/benchmark.py --compile) must not fall back to eager
+    # where activation checkpointing wraps the layer (a higher-order op: no graph break allowed).
+    torch._dynamo.reset()
+    q, k, v = torch.randn(3, 1, 8, 2, 4, requires_grad=True).unbind(0)
+    checkpointed = lambda q, k, v: checkpoint(attention, q, k, v, AttentionMask(), use_reentrant=False)  # noqa: E731
+    explained = torch._dynamo.explain(checkpointed)(q, k, v)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
