@@ -10,7 +10,7 @@ held before the first step). Paths alternate over the repeats so that drift of a
 hits both alike. Ratios in the summary are fused / naive.
 
     python tools/benchmark.py                                   # configs/benchmark/cpu.yaml
-    python tools/benchmark.py --config configs/benchmark/gpu_1_4b.yaml
+    python tools/benchmark.py --config configs/benchmark/gpu_1_4b.yaml [--compile true --paths [fused]]
     python tools/benchmark.py --seq_len 256 --model.num_hidden_layers 2 --output bench.json
 """
 
@@ -51,7 +51,14 @@ class BenchmarkConfig:
     steps: int = 3
     repeats: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.compile the loop step (LoopLM.loop_step, which every loop runs through); compilation
+    # falls in the warm-up steps, so give at least one.
+    compile: bool = False
     output: Optional[str] = None  # write the results as JSON here too
+
+    def __post_init__(self):
+        if self.compile and self.warmup < 1:
+            raise ConfigError("compile: needs warmup >= 1, or the compilation is timed as a step")
 
     def model_config(self, path: str) -> LoopLMConfig:
         try:
@@ -97,6 +104,8 @@ def run_worker(bench: BenchmarkConfig, path: str, dtype_name: str) -> dict:
     config = bench.model_config(path)
     torch.manual_seed(0)
     model = LoopLM(config).to(device)
+    if bench.compile:
+        model.loop_step = torch.compile(model.loop_step)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     generator = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (bench.batch_size, bench.seq_len + 1), generator=generator).to(device)
@@ -129,7 +138,7 @@ def run_worker(bench: BenchmarkConfig, path: str, dtype_name: str) -> dict:
     step_time = statistics.median(times)
     tokens = bench.batch_size * bench.seq_len
     flops = training_flops_per_token(config, bench.seq_len) * tokens / step_time
-    return {"path": path, "dtype": dtype_name, "step_s": step_time, "tokens_per_s": tokens / step_time,
+    return {"path": path, "dtype": dtype_name, "compiled": bench.compile, "step_s": step_time, "tokens_per_s": tokens / step_time,
             "flops_per_s": flops, "peak_memory_bytes": peak, "device": device}
 
 
@@ -192,7 +201,8 @@ def format_table(summary: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in summary["results"]:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        lines.append(f"| {r['dtype']} | {r['path']} | {r['tokens_per_s']:.0f} | {r['flops_per_s'] / 1e9:.1f} | "
+        path = f"{r['path']} (compiled)" if r["compiled"] else r["path"]
+        lines.append(f"| {r['dtype']} | {path} | {r['tokens_per_s']:.0f} | {r['flops_per_s'] / 1e9:.1f} | "
                      f"{r['fraction_of_matmul_peak']:.1%} (of {r['matmul_peak_flops'] / 1e9:.0f}) | {mfu} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} |")
     for dtype_name, ratio in summary["ratios"].items():

@@ -30,3 +30,5 @@ def test_benchmark_config_errors_name_the_field():
     assert done.returncode != 0 and "seq_len: expected an integer" in done.stderr
     done = _run("--model.hidden_sise", "64")
     assert done.returncode != 0 and "hidden_sise: unknown field of LoopLMConfig" in done.stderr
+    done = _run("--compile", "true", "--warmup", "0")
+    assert done.returncode != 0 and "compile: needs warmup >= 1" in done.stderr
