@@ -128,8 +128,7 @@ def run_worker(bench: BenchmarkConfig, path: str, dtype_name: str) -> dict:
         base_memory = torch.cuda.memory_allocated()
     else:
         base_memory = _rss_bytes()
-    for _ in range(bench.warmup):
-        step()
+    warmup_times = [step() for _ in range(bench.warmup)]  # with --compile, the first holds the compilation
     times = [step() for _ in range(bench.steps)]
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_memory
@@ -138,8 +137,9 @@ def run_worker(bench: BenchmarkConfig, path: str, dtype_name: str) -> dict:
     step_time = statistics.median(times)
     tokens = bench.batch_size * bench.seq_len
     flops = training_flops_per_token(config, bench.seq_len) * tokens / step_time
-    return {"path": path, "dtype": dtype_name, "compiled": bench.compile, "step_s": step_time, "tokens_per_s": tokens / step_time,
-            "flops_per_s": flops, "peak_memory_bytes": peak, "device": device}
+    return {"path": path, "dtype": dtype_name, "compiled": bench.compile, "step_s": step_time,
+            "warmup_step_s": warmup_times, "tokens_per_s": tokens / step_time, "flops_per_s": flops,
+            "peak_memory_bytes": peak, "device": device}
 
 
 def _spawn(bench: BenchmarkConfig, path: str, dtype_name: str) -> dict:
