@@ -115,7 +115,7 @@ def staged_output_dir(output: str | Path, kind: str, inputs: Iterable[str | Path
     staging = _new_directory(output, "tmp")
     try:
         yield staging
-        (staging / MARKER).write_text(json.dumps({"kind": kind, "entries": sorted(_entries(staging))}, indent=1))
+        mark_output_dir(staging, kind, _entries(staging))
         # Again: something may have appeared at `output` while the block ran (it may take hours),
         # and _move_into_place replaces whatever this check lets through.
         check_output_dir(output, kind, inputs, overwrite)
@@ -123,6 +123,14 @@ def staged_output_dir(output: str | Path, kind: str, inputs: Iterable[str | Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def mark_output_dir(directory: str | Path, kind: str, entries: Iterable[str]) -> None:
+    """Mark `directory` as an output of `kind` that holds `entries` (paths relative to it)."""
+    marker = Path(directory) / MARKER
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps({"kind": kind, "entries": sorted(entries)}, indent=1))
+    tmp.replace(marker)
 
 
 def _new_directory(output: Path, suffix: str) -> Path:
