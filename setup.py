@@ -19,8 +19,12 @@ setup(
         # 2.7: scale_grads of torch.distributed.pipelining's schedules (parallel/pipeline.py).
         # Without -c constraints.txt an unpinned torch is the default (CUDA) build of the index.
         "torch>=2.7",
-        # 0.16: lazy_mode of zero_to_fp32's get_fp32_state_dict_from_zero_checkpoint (consolidation).
-        "deepspeed>=0.16",
+        # 0.19.7: the alignment paddings that zero_to_fp32's ZeRO-1/2 merge takes, which Adam's
+        # moments are consolidated through (training/optimizer.py; lazy_mode of consolidation came
+        # in 0.16). Below 0.20: those are private functions of zero_to_fp32 and of ZeRO-3's optimizer,
+        # whose signatures change between releases (0.19.7 changed one); a newer release is tried
+        # with .ci/lock first.
+        "deepspeed>=0.19.7,<0.20",
         "numpy>=1.24",
         "tokenizers>=0.15",
         "datasets>=2.14",  # Hugging Face dataset inputs of tools/preprocess_data.py
@@ -37,8 +41,9 @@ setup(
         "zstandard>=0.20",  # .jsonl.zst inputs of tools/preprocess_data.py
     ],
     extras_require={
-        # NVIDIA apex is not on the package index (the index's "apex" is an unrelated project):
-        # its kernels are used only when a user has built it; torch has fused AdamW and RMSNorm.
+        # flash-attn builds against the installed torch: pip install flash-attn --no-build-isolation
+        # (README, "GPU set-up"). NVIDIA apex is not used: torch's fused RMSNorm and DeepSpeed's
+        # fused Adam do its work (and the package index's "apex" is an unrelated project).
         "gpu": ["flash-attn>=2.5"],
         # lm-eval: the `looplm` harness model (looplm_mega/eval/harness.py); matplotlib: the PNG plots
         # of tools/eval_loops.py and tools/mano_collect.py.
