@@ -103,7 +103,8 @@ def run_worker(bench: BenchmarkConfig, path: str, dtype_name: str) -> dict:
     device = bench.resolved_device()
     config = bench.model_config(path)
     torch.manual_seed(0)
-    model = LoopLM(config).to(device)
+    with torch.device(device):  # initialised where it runs (on the CPU the 1.4B model takes tens of seconds)
+        model = LoopLM(config).to(device)
     if bench.compile:
         model.loop_step = torch.compile(model.loop_step)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
