@@ -48,6 +48,7 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from looplm_mega.cli import HelpFormatter, raise_on_sigterm  # noqa: E402
 from looplm_mega.config import from_dict, save_yaml  # noqa: E402
 from looplm_mega.data.indexed import IndexedDatasetWriter  # noqa: E402
 from looplm_mega.inference.generate import GenerationConfig, generate  # noqa: E402
@@ -409,10 +410,10 @@ def run_part(name: str, work: Path, limit: float, log: Path, dry_run: bool) -> d
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default=None, help="report folder (default: $OUT when set, else runs/gpu_check)")
-    parser.add_argument("--parts", nargs="+", choices=list(LIMITS), default=list(LIMITS))
-    parser.add_argument("--dry-run", action="store_true", help="every part at a tiny size, on the CPU of a machine without GPU")
+    parser.add_argument("--parts", nargs="+", choices=list(LIMITS), default=list(LIMITS), help="which parts to run (in the order of this list)")
+    parser.add_argument("--dry-run", action="store_true", help="every part at a tiny size (on the CPU where there is no GPU)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds for the whole check (default: 480, or 900 with --dry-run)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report this tool wrote earlier")
@@ -440,8 +441,7 @@ def main(argv=None) -> None:
     report = {"kind": KIND, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "dry_run": args.dry_run, "time_limit_s": time_limit, "environment": environment(), "parts": {}}
     _save(out, report)
-    # A SIGTERM unwinds through run_part, which then kills the running part's process tree.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    raise_on_sigterm()  # unwinds through run_part, which then kills the running part's process tree
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as work:
         for name in sorted(args.parts, key=list(LIMITS).index):

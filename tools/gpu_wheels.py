@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.outputs import OutputError, check_output_dir, exit_with, staged_output_dir  # noqa: E402
 
 KIND = "wheels for the GPU machine"
@@ -51,7 +52,7 @@ def pinned(names: list[str], constraints: Path = ROOT / "constraints.txt") -> li
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output", default=str(ROOT / ".whl"), help="folder of wheels (default: .whl at the repository root)")
     parser.add_argument("--add", nargs="+", default=[], help="wheel files to copy in as well")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder of wheels this tool wrote earlier")
