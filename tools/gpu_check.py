@@ -326,7 +326,8 @@ def pretrain_part(record: Record, size: dict, device: str, work: Path) -> None:
     shutil.copytree(work / "zero2" / "checkpoints" / tag, checkpoints / tag)
     (checkpoints / "latest").write_text(tag)
     resumed = _launch(record, "resume", config("resume", 2), work)
-    record.check(f"resume: steps {checkpoint_step + 1}-{steps} logged", sorted(resumed) == list(range(checkpoint_step + 1, steps + 1)))
+    record.check(f"resume: steps {checkpoint_step + 1}-{steps} logged",
+                 sorted(resumed) == list(range(checkpoint_step + 1, steps + 1)))
     record["resume_max_relative_difference"] = _max_relative_difference(resumed, losses)
     record.check("resume: losses within 1% of the uninterrupted run", record["resume_max_relative_difference"] <= 0.01)
 
@@ -412,8 +413,10 @@ def run_part(name: str, work: Path, limit: float, log: Path, dry_run: bool) -> d
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default=None, help="report folder (default: $OUT when set, else runs/gpu_check)")
-    parser.add_argument("--parts", nargs="+", choices=list(LIMITS), default=list(LIMITS), help="which parts to run (in the order of this list)")
-    parser.add_argument("--dry-run", action="store_true", help="every part at a tiny size (on the CPU where there is no GPU)")
+    parser.add_argument("--parts", nargs="+", choices=list(LIMITS), default=list(LIMITS),
+                        help="which parts to run (always in the order of the default)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every part at a tiny size (on the CPU where there is no GPU)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds for the whole check (default: 480, or 900 with --dry-run)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report this tool wrote earlier")
@@ -514,7 +517,8 @@ def _attention_section(result: dict) -> list:
     for r in result["rows"]:
         error = " / ".join(f"{e:.2e}" for e in r["max_abs_error"].values())
         plain = " / ".join(f"{e:.2e}" for e in r["plain_bf16_max_abs_error"].values())
-        lines.append(f"| {r['backend']} | {r['masking']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | {error} | {plain} |")
+        lines.append(f"| {r['backend']} | {r['masking']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | "
+                     f"{error} | {plain} |")
     return lines
 
 
@@ -532,11 +536,13 @@ def _benchmark_section(result: dict) -> list:
         mfu = f"{r['mfu']:.1%} of {r['flops_per_s'] / r['mfu'] / 1e12:.0f}" if "mfu" in r else "-"
         path = f"{r['path']} (compiled)" if r["compiled"] else r["path"]
         lines.append(f"| {r['dtype']} | {path} | {r['tokens_per_s']:.0f} | {r['flops_per_s'] / 1e12:.3g} | {mfu} | "
-                     f"{r['fraction_of_matmul_peak']:.1%} of {r['matmul_peak_flops'] / 1e12:.3g} | {r['peak_memory_bytes'] / 2**30:.2f} |")
+                     f"{r['fraction_of_matmul_peak']:.1%} of {r['matmul_peak_flops'] / 1e12:.3g} | "
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} |")
     if "compilation_s" in result:
         lines.append(f"\nFirst warm-up step (compilation included): {result['compilation_s']:.1f} s.")
     if "verdict" in result:
-        lines.append(f"torch.compile of the loop step: {result['speedup_vs_eager']:.2f}x the eager tokens/s: {result['verdict']}.")
+        lines.append(f"torch.compile of the loop step: {result['speedup_vs_eager']:.2f}x the eager tokens/s: "
+                     f"{result['verdict']}.")
     return lines
 
 
