@@ -48,6 +48,10 @@ setup(
         # lm-eval: the `looplm` harness model (looplm_mega/eval/harness.py); matplotlib: the PNG plots
         # of tools/eval_loops.py and tools/mano_collect.py.
         "eval": ["lm-eval>=0.4", "matplotlib>=3.5"],
+        # examples/recipes/ouro_data.py: downloads of the Ouro data sources. Its decode-mds command
+        # needs mosaicml-streaming, which pins packages this project does not take: it runs in an
+        # environment of its own (download_artifacts.sh makes it), and is not in constraints.txt.
+        "recipes": ["huggingface_hub>=0.20", "mosaicml-streaming>=0.7"],
         # The tests cover the evaluation tools too.
         "dev": ["pytest>=8", "pytest-timeout>=2.1", "lm-eval>=0.4", "matplotlib>=3.5"],
     },
