@@ -48,10 +48,12 @@ def deepspeed_config(config: RunConfig, micro_batch_size: int, gradient_accumula
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": opt.grad_clip,
-        # torch's AdamW on CPU; DeepSpeed's fused (GPU) or CPU-offload Adam otherwise.
+        # torch's AdamW on a CPU-only run (offloading there moves nothing, and DeepSpeed's CPU Adam
+        # would be compiled first); on GPUs DeepSpeed's fused Adam, or its CPU Adam for the
+        # offloaded optimizer states.
         "optimizer": {"type": "AdamW", "params": {
             "lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay,
-            "torch_adam": device.type == "cpu" and not section.offload_optimizer}},
+            "torch_adam": device.type == "cpu"}},
         "zero_optimization": zero,
         "bf16": {"enabled": config.training.precision == "bf16"},
         "steps_per_print": 2**31 - 1,
