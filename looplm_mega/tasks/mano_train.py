@@ -178,8 +178,8 @@ def train_mano(run: ManoRun, log: Optional[Callable[[str], None]] = print, log_e
         "steps": run.steps, "batch_size": run.batch_size, "accuracy": round(accuracies[-1], 5),
         "loop_accuracy": "/".join(f"{a:.4f}" for a in accuracies),
         "baseline": round(test.answers.bincount().max().item() / len(test), 5), "final_loss": round(loss_value, 5),
-        "excluded": excluded, "params": model.num_parameters(), "seconds": round(seconds, 1),
-        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "excluded": excluded, "params": model.num_parameters(), "seconds": round(seconds, 3),
+        "cpu_seconds": round(time.process_time() - cpu_start, 3),
     }
 
 
