@@ -213,7 +213,9 @@ def test_ordered_map_keeps_order_and_reads_ahead_boundedly():
             consumed.append(i)
             yield i
 
-    with multiprocessing.Pool(2) as pool:
+    # Not forked from this process: under pytest-xdist it has threads of its own, and a child forked
+    # while one of them holds a lock waits forever.
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
         results = ordered_map(_square, items(), pool, max_pending=3)
         assert next(results) == 0 and 1 <= len(consumed) <= 3  # not the whole input, as Pool.imap would
         assert list(results) == [i * i for i in range(1, 20)]
