@@ -53,6 +53,6 @@ setup(
         # environment of its own (download_artifacts.sh makes it), and is not in constraints.txt.
         "recipes": ["huggingface_hub>=0.20", "mosaicml-streaming>=0.7"],
         # The tests cover the evaluation tools too.
-        "dev": ["pytest>=8", "pytest-timeout>=2.1", "lm-eval>=0.4", "matplotlib>=3.5"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "lm-eval>=0.4", "matplotlib>=3.5"],
     },
 )
