@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
+from looplm_mega.training.distributed import cpu_threads
+
 # Under pytest-xdist the workers split the cores, and so do the processes they start (tools run as
-# command lines inherit OMP_NUM_THREADS): every process spinning as many OpenMP threads as there are
-# cores makes each wait for a core.
+# command lines inherit OMP_NUM_THREADS).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _threads = cpu_threads(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(_threads)
 

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from looplm_mega.training.distributed import free_port
+from looplm_mega.training.distributed import cpu_threads, free_port
 
 # Ranks are forked from a forkserver that imports torch, DeepSpeed and the trainer once for the
 # whole test session: a spawned rank spends seconds of CPU on those imports, which over the
@@ -22,10 +22,9 @@ multiprocessing.set_forkserver_preload(["torch", "deepspeed", "looplm_mega.train
 def _entry(rank: int, fn, world_size: int, port: int, environ: dict, cwd: str, args: tuple) -> None:
     # A forked rank inherits the server's environment and directory, not the test's.
     os.environ.clear()
-    # The ranks split the cores, as init_distributed does from LOCAL_WORLD_SIZE (set as torchrun
-    # sets it): each rank spinning as many OpenMP threads as there are cores (4 threads on 2
-    # cores) made every matmul of the tiny test models wait milliseconds for a core.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # The ranks split the cores, also those that never call init_distributed (which would, from
+    # LOCAL_WORLD_SIZE, set here as torchrun sets it).
+    torch.set_num_threads(cpu_threads(world_size))
     os.environ.update(environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.chdir(cwd)

@@ -36,6 +36,7 @@ from looplm_mega.model import LoopLM, LoopLMConfig  # noqa: E402
 from looplm_mega.parallel import comm  # noqa: E402
 from looplm_mega.parallel.state import initialize_parallel  # noqa: E402
 from looplm_mega.parallel.tensor_parallel import TensorParallel, partition_dim  # noqa: E402
+from looplm_mega.training.distributed import cpu_threads  # noqa: E402
 
 LAYOUTS = {"tp1": (1, False), "tp2": (2, False), "tp2_sp": (2, True)}
 
@@ -66,7 +67,7 @@ def analytic_comm_bytes(config: LoopLMConfig, batch: int, seq: int, tp: int, seq
 
 def _measure(rank: int, world: int, port: int, args, result_file: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(cpu_threads(world))
     dist.init_process_group("gloo")
     tp_size, sequence_parallel = LAYOUTS[args.layout]
     tp = TensorParallel.from_state(initialize_parallel(tp=tp_size, sequence_parallel=sequence_parallel))

@@ -21,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_threads(processes: int) -> int:
+    """Threads for each of `processes` processes sharing this machine's cores: each taking all of
+    them makes every OpenMP region wait for a core (2 ranks x 2 threads on 2 cores made small
+    matmuls take milliseconds)."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def _environment_from_slurm() -> None:
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
@@ -49,11 +56,10 @@ def init_distributed() -> torch.device:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # Processes sharing a CPU box split its cores; each taking all of them thrashes.
         local_world = int(next((os.environ[k] for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
                                 if os.environ.get(k, "").isdigit()), "1"))
         if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(cpu_threads(local_world))
     if not dist.is_initialized():
         import deepspeed
 

@@ -1,26 +1,19 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tools import gpu_wheels
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "tools/gpu_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_wheel_is_pinned_by_constraints_txt():
-    tool = _tool()
     lines = set((ROOT / "constraints.txt").read_text().splitlines())
-    requirements = tool.pinned(tool.BUILT + tool.DOWNLOADED)
-    assert len(requirements) == len(tool.BUILT + tool.DOWNLOADED) and set(requirements) <= lines
-    assert tool.pinned(["Pydantic_Core"]) == tool.pinned(["pydantic-core"])  # names compared normalised
+    requirements = gpu_wheels.pinned(gpu_wheels.BUILT + gpu_wheels.DOWNLOADED)
+    assert len(requirements) == len(gpu_wheels.BUILT + gpu_wheels.DOWNLOADED) and set(requirements) <= lines
+    assert gpu_wheels.pinned(["Pydantic_Core"]) == gpu_wheels.pinned(["pydantic-core"])  # names compared normalised
     with pytest.raises(ValueError, match="pins no version of no-such-package"):
-        tool.pinned(["no-such-package"])
+        gpu_wheels.pinned(["no-such-package"])
 
 
 @pytest.mark.parametrize("case", ["not a wheel", "foreign folder"])
@@ -36,7 +29,7 @@ def test_refusals_come_before_any_download(case, tmp_path, capsys):
         (out / "mine.whl").write_text("x")
         expected = "not written by looplm-mega"
     with pytest.raises(SystemExit) as stopped:
-        _tool().main(args)
+        gpu_wheels.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(err) == 1 and "gpu_wheels.py: error:" in err[0] and expected in err[0]
     assert case != "foreign folder" or (out / "mine.whl").read_text() == "x"
