@@ -3,11 +3,15 @@ leaves, which checkpoints pruning keeps, and what resume says about damaged ones
 
 import errno
 import json
+import mmap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import xxhash
 
+from looplm_mega.training import checkpoint
 from looplm_mega.training.checkpoint import (LATEST, MANIFEST, CheckpointError, TrainerState, complete_checkpoints,
                                              load_checkpoint, resume_tag, save_checkpoint)
 from looplm_mega.training.engine import Layout
@@ -130,3 +134,11 @@ def test_a_checkpoint_written_before_manifests_resumes_unchecked(tmp_path, capsy
     assert resume_tag(tmp_path, "latest") == "step00000010"
     assert "no manifest.json" in capsys.readouterr().out
     assert load_checkpoint(FileEngine(), tmp_path, "step00000010").step == 10
+
+
+def test_checksum_of_a_file_hashed_window_by_window_is_the_checksum_of_its_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)
+    data = np.random.default_rng(0).bytes(3 * mmap.ALLOCATIONGRANULARITY + 123)
+    (tmp_path / "states.pt").write_bytes(data)
+    entry = checkpoint.file_entry(tmp_path / "states.pt", tmp_path)
+    assert entry == {"name": "states.pt", "size": len(data), "xxh3": xxhash.xxh3_64(data).hexdigest()}
