@@ -8,7 +8,7 @@ final checkpoint. "Must hold" is what the optimizer states need at the stage, pe
 splits the fp32 weights, gradients and Adam's two moments (16 bytes a parameter) over the ranks;
 ZeRO-1/2 keep the weights and gradients whole (8) and split the moments (8); ZeRO-0 keeps all 16.
 
-    python tools/benchmark_memory.py --preset medium --layers 12 --zero-stage 3 --processes 2
+    python tools/benchmark_memory.py --preset medium --model num_hidden_layers=12 --zero-stage 3 --processes 2
     python tools/benchmark_memory.py --preset small --processes 2 4 --output memory.json
 """
 
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,19 +67,20 @@ def _rank(rank: int, world: int, port: int, run: dict, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(phases))
 
 
-def measure(preset: str, layers: int, zero_stage: int, processes: int, steps: int, workdir: Path) -> dict:
+def measure(preset: str, overrides: dict, zero_stage: int, processes: int, steps: int, workdir: Path) -> dict:
     from looplm_mega.data.indexed import IndexedDatasetWriter
     from looplm_mega.model import LoopLMConfig
 
-    model = LoopLMConfig.from_preset(preset)
+    model = LoopLMConfig.from_preset(preset).replace(**overrides)
     prefix = workdir / "tokens"
     if not Path(f"{prefix}.idx").exists():
         rng = np.random.default_rng(0)
         with IndexedDatasetWriter(prefix, np.uint16 if model.vocab_size < 65500 else np.int32) as writer:
             for _ in range(200):
                 writer.add_document(rng.integers(1, model.vocab_size, 300))
-    run_dir = workdir / f"{preset}_{layers}_zero{zero_stage}_dp{processes}"
-    run = {"run_dir": str(run_dir), "model": {"preset": preset, "num_hidden_layers": layers},
+    shape = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    run_dir = workdir / f"{preset}_{shape}_zero{zero_stage}_dp{processes}"
+    run = {"run_dir": str(run_dir), "model": {"preset": preset, **overrides},
            "data": {"prefixes": [str(prefix)], "seq_length": 64, "split": "100,0,0"}, "wandb": {"mode": "disabled"},
            "tensorboard": False, "deepspeed": {"zero_stage": zero_stage},
            "training": {"micro_batch_size": 1, "global_batch_size": processes, "train_steps": steps,
@@ -90,17 +92,19 @@ def measure(preset: str, layers: int, zero_stage: int, processes: int, steps: in
     parameters = ranks[0]["parameters"]
     hold = must_hold(parameters, zero_stage, processes)
     worst = max(ranks, key=lambda r: r["saved"] - r["runtime"])
-    return {"preset": preset, "layers": layers, "zero_stage": zero_stage, "processes": processes, "parameters": parameters,
+    return {"preset": preset, "model": overrides, "layers": model.num_hidden_layers, "zero_stage": zero_stage, "processes": processes, "parameters": parameters,
             "must_hold_mib": hold / MIB, "runtime_mib": worst["runtime"] / MIB,
             "built_mib": worst["built"] / MIB, "trained_mib": worst["trained"] / MIB, "saved_mib": worst["saved"] / MIB,
             "above_runtime_mib": (worst["saved"] - worst["runtime"]) / MIB,
-            "ratio": (worst["saved"] - worst["runtime"]) / hold, "seconds": worst["seconds"]}
+            "ratio": (worst["saved"] - worst["runtime"]) / hold, "seconds": worst["seconds"],
+            "ranks_above_runtime_mib": [round((r["saved"] - r["runtime"]) / MIB) for r in ranks]}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--preset", default="small", help="model preset")
-    parser.add_argument("--layers", type=int, default=None, help="layers of the shared stack (default: the preset's)")
+    parser.add_argument("--model", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="overrides of the preset's fields, e.g. num_hidden_layers=12 vocab_size=8192")
     parser.add_argument("--zero-stage", type=int, nargs="+", default=[3], choices=[0, 1, 2, 3], help="ZeRO stages to measure")
     parser.add_argument("--processes", type=int, nargs="+", default=[2], help="data-parallel sizes to measure")
     parser.add_argument("--steps", type=int, default=2, help="training steps before the final checkpoint")
@@ -108,12 +112,21 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from looplm_mega.model import LoopLMConfig
 
-    layers = args.layers or LoopLMConfig.from_preset(args.preset).num_hidden_layers
+    overrides = {}
+    for item in args.model:
+        field, _, value = item.partition("=")
+        if not value:
+            parser.error(f"--model {item}: expected FIELD=VALUE")
+        overrides[field] = yaml.safe_load(value)
+    try:
+        LoopLMConfig.from_preset(args.preset).replace(**overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--model: {e}")
     results = []
     with tempfile.TemporaryDirectory(prefix="benchmark_memory.") as workdir:
         for stage in args.zero_stage:
             for processes in args.processes:
-                results.append(measure(args.preset, layers, stage, processes, args.steps, Path(workdir)))
+                results.append(measure(args.preset, overrides, stage, processes, args.steps, Path(workdir)))
                 r = results[-1]
                 print(f"{r['preset']} x{r['layers']} layers ({r['parameters']:,} parameters), ZeRO-{stage}, {processes} ranks: "
                       f"runtime {r['runtime_mib']:.0f} MiB, built {r['built_mib']:.0f}, trained {r['trained_mib']:.0f}, "

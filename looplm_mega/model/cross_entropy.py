@@ -139,7 +139,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
         grad_hidden, grad_weight, ce = ctx.saved_tensors
-        grad_h = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        # Scaled in place: the head's gradient is a full [vocab, hidden] fp32 tensor, and a scaled
+        # copy would hold it twice at the backward's peak. The graph is run backward once.
+        grad_h = grad_hidden.mul_(grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         grad_tw = ce * grad_loss if ctx.needs_input_grad[3] else None
         return grad_h, grad_w, None, grad_tw, None, None, None, None, None, None

@@ -63,6 +63,11 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
         return (1.0 / theta**exponents).float()
 
+    def materialize(self) -> None:
+        """The buffer of a model built on the meta device (parallel/build.py), on the host."""
+        if self.inv_freq.is_meta:
+            self.inv_freq = self._inv_freq(self.theta)
+
     def set_theta(self, theta: float) -> None:
         self.theta = theta
         self.inv_freq.copy_(self._inv_freq(theta, self.inv_freq.device))

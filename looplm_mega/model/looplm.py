@@ -32,7 +32,7 @@ from looplm_mega.model.cross_entropy import linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
 from looplm_mega.model.layers import SINGLE, DecoderLayer, RMSNorm, RotaryEmbedding, mark_tensor_parallel
 from looplm_mega.model.losses import LoopTerms, Objective, objective_terms
-from looplm_mega.parallel.tensor_parallel import TensorParallel, padded_vocab_size, partition_dim, shard
+from looplm_mega.parallel.tensor_parallel import TensorParallel, padded_vocab_size, partition_dim, shard, shard_shape
 
 
 @dataclass
@@ -134,35 +134,49 @@ class LoopLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         torch.set_rng_state(rng)
-        self.reset_parameters()
+        # Built on the meta device (parallel/build.py), nothing is drawn here:
+        # that builder materialises a rank's part and draws the same values, tensor by tensor.
+        if not self.lm_head.weight.is_meta:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for matrices; the projections that write into the residual
+        """Every parameter to its initial value (initial_tensors), this rank's TP shard of it."""
+        for name, module in self.named_modules():
+            for param_name, full in self.initial_tensors(name, module).items():
+                getattr(module, param_name).copy_(self.tensor_parallel_shard(f"{name}.{param_name}", full))
+
+    def initial_tensors(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The initial full tensors of one module's own parameters, drawn from torch's generator
+        where random. Called for every module in named_modules' order (what reset_parameters and
+        the pipeline's builder do), the draws are the same at every layout: the full tensor is
+        drawn and a rank keeps its shard, so the model is the same at any TP degree (and the
+        padded vocabulary rows are zero).
+
+        Normal(0, initializer_range) for matrices; the projections that write into the residual
         stream are scaled by 1/sqrt(2 N) (GPT-2/Megatron). The sandwich norms on the attention and
         MLP outputs start at sublayer_norm_init: they fix the scale of what each sub-layer adds,
         and at 1 every loop would overwrite its input (measured: README, "Initialisation")."""
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                # The full tensor is drawn from the seed and this rank keeps its shard: the model
-                # is the same at any TP degree (and the padded vocabulary rows are zero).
-                is_output = name.endswith(("o_proj", "down_proj"))
-                full = torch.empty(self._full_shape(f"{name}.weight", module.weight))
-                nn.init.normal_(full, mean=0.0, std=out_std if is_output else std)
-                module.weight.copy_(self.tensor_parallel_shard(f"{name}.weight", full))
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                is_sublayer_output = name.endswith(("input_layernorm_2", "post_attention_layernorm_2"))
-                nn.init.constant_(module.weight, self.config.sublayer_norm_init if is_sublayer_output else 1.0)
+        config = self.config
+        values = {}
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = config.initializer_range
+            if name.endswith(("o_proj", "down_proj")):
+                std /= math.sqrt(2 * config.num_hidden_layers)
+            weight = torch.empty(self._full_shape(f"{name}.weight", module.weight))
+            values["weight"] = nn.init.normal_(weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                values["bias"] = torch.zeros(self._full_shape(f"{name}.bias", module.bias))
+        elif isinstance(module, RMSNorm):
+            is_sublayer_output = name.endswith(("input_layernorm_2", "post_attention_layernorm_2"))
+            values["weight"] = torch.full(self._full_shape(f"{name}.weight", module.weight),
+                                          config.sublayer_norm_init if is_sublayer_output else 1.0)
         # Exit gate bias: lambda = 1/T at the start, so every loop gets a share of the exit mass
         # (a zero bias, lambda = 1/2, puts half of it on loop 1, which then trains fastest and
         # pulls the distribution further towards exiting early).
-        steps = self.config.total_ut_steps
-        if steps > 1:
-            nn.init.constant_(self.model.early_exit_gate.bias, -math.log(steps - 1))
+        if isinstance(module, ExitGate) and config.total_ut_steps > 1:
+            values["bias"] = torch.full((1,), -math.log(config.total_ut_steps - 1))
+        return values
 
     @property
     def padded_vocab_size(self) -> int:
@@ -170,7 +184,7 @@ class LoopLM(nn.Module):
 
     def _full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
         """The shape of the unsharded, unpadded tensor behind parameter `name`."""
-        shape = list(param.shape)
+        shape = list(shard_shape(param))
         dim = partition_dim(name)
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             shape[0] = self.config.vocab_size

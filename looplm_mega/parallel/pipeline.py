@@ -34,7 +34,6 @@ from looplm_mega.model.config import LoopLMConfig
 from looplm_mega.model.exit import exit_log_prob
 from looplm_mega.model.looplm import LoopLM
 from looplm_mega.model.losses import LoopTerms, Objective, objective_terms
-from looplm_mega.parallel.tensor_parallel import TensorParallel
 
 
 def check_pipeline(config: LoopLMConfig, pp: int, micro_batches: Optional[int] = None) -> None:
@@ -54,22 +53,6 @@ def check_pipeline(config: LoopLMConfig, pp: int, micro_batches: Optional[int] =
 def owned_layers(num_layers: int, pp: int, rank: int) -> range:
     per_rank = num_layers // pp
     return range(rank * per_rank, (rank + 1) * per_rank)
-
-
-def build_pipeline_model(config: LoopLMConfig, pp_rank: int, pp: int, tp: TensorParallel = TensorParallel()) -> LoopLM:
-    """The whole model drawn from the seed (the same tensors as at PP=1), then cut down to this
-    rank's part. Layers keep their global index in the names (`model.layers.7...` on the rank
-    that owns layer 7), so checkpoints carry the released names."""
-    model = LoopLM(config, tp)
-    if pp == 1:
-        return model
-    mine = owned_layers(config.num_hidden_layers, pp, pp_rank)
-    model.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in mine})
-    if pp_rank != 0:
-        del model.model.embed_tokens
-    if pp_rank != pp - 1:
-        del model.model.norm, model.model.early_exit_gate, model.lm_head
-    return model
 
 
 class LoopStage(nn.Module):

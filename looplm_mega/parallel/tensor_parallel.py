@@ -38,6 +38,12 @@ def partition_dim(name: str) -> Optional[int]:
     return None
 
 
+def shard_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of this rank's TP shard of a parameter, also once ZeRO-3 has partitioned it (its
+    .shape is then that of an empty placeholder, the shard's shape kept in ds_shape)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def is_vocab_parallel(name: str) -> bool:
     return any(name.endswith(f"{module}.weight") for module in VOCAB_PARALLEL)
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.utils import apply_to_tensors_only
+from torch import nn
 
 from looplm_mega.config import merge
 from looplm_mega.model import LoopLM
 from looplm_mega.model.losses import Objective
+from looplm_mega.parallel.build import Place
 from looplm_mega.parallel.state import ParallelState
 from looplm_mega.parallel.tensor_parallel import TensorParallel, global_grad_norm
 from looplm_mega.training.config import RunConfig
@@ -21,25 +25,39 @@ from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import StepMetrics
 
 
-def bucket_sizes(hidden_size: int, zero_stage: int) -> dict:
-    """ZeRO's communication buckets sized from the model, as the Hugging Face integration's "auto"
-    values: DeepSpeed's defaults (5e8 elements, 2 GB a bucket in fp32 on every rank) are sized for
-    models far larger than their buffers' share of memory."""
+def zero_sizes(hidden_size: int, zero_stage: int, looped: bool) -> dict:
+    """ZeRO's buffers sized from the model. DeepSpeed's defaults are sized for models far larger
+    than their buffers' share of memory (5e8-element buckets: 2 GB each in fp32 on every rank).
+    - buckets (reduce, all-gather; ZeRO-3's prefetch and persistence), as the Hugging Face
+      integration's "auto" values;
+    - ZeRO-3's reuse distance: a gathered parameter used again within this many elements of other
+      parameters is kept whole. DeepSpeed's default (1e9) keeps every layer of a looped stack
+      smaller than that gathered from one loop to the next, i.e. the whole stack on every rank; at
+      hidden^2 each layer is released after its use, as ZeRO-3 means;
+    - ZeRO-3's prefetch, off for a looped model: the prefetcher steps over parameters that are
+      gathered already without counting them against its bucket, and keeps each for its next use
+      in the trace; in a loop that next use is the next loop, so from the second step on the whole
+      stack stays gathered (measured: README, "Memory per rank");
+    - ZeRO-3's optimizer sub-groups: the step flattens each sub-group's gradients into a fresh
+      copy and Adam forms temporaries of its size; with DeepSpeed's default (1e9 elements) that
+      is the whole partition at once."""
     sizes = {"reduce_bucket_size": hidden_size**2, "allgather_bucket_size": hidden_size**2}
     if zero_stage == 3:
-        sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
-                     stage3_param_persistence_threshold=10 * hidden_size)
+        sizes.update(stage3_prefetch_bucket_size=0 if looped else int(0.9 * hidden_size**2),
+                     stage3_param_persistence_threshold=10 * hidden_size,
+                     stage3_max_reuse_distance=hidden_size**2, sub_group_size=hidden_size**2)
     return sizes
 
 
 def deepspeed_config(config: RunConfig, micro_batch_size: int, gradient_accumulation_steps: int, device: torch.device) -> dict:
     """Our run config as DeepSpeed's; the batch is the first step's (configure() resets it per step).
-    Without a DeepSpeed JSON, ZeRO's buckets are sized from the model (bucket_sizes); a JSON's or
+    Without a DeepSpeed JSON, ZeRO's buffers are sized from the model (zero_sizes); a JSON's or
     the inline keys' own sizes win."""
     section, opt = config.deepspeed, config.optimizer
     zero: dict = {"stage": section.resolved_zero_stage()}
     if section.config_file is None and zero["stage"] > 0:
-        zero.update(bucket_sizes(config.model_config().hidden_size, zero["stage"]))
+        model = config.model_config()
+        zero.update(zero_sizes(model.hidden_size, zero["stage"], model.total_ut_steps > 1))
     if section.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if section.offload_param:
@@ -71,14 +89,42 @@ class DeepSpeedEngine(Engine):
                                                 mpu=parallel if parallel.tp > 1 else None)
         self.optimizer = self.ds.optimizer
         self.zero_stage = self.ds.zero_optimization_stage()
+        if self.zero_stage == 3:
+            share_master_weights(self.optimizer)
+            release_after_each_call(model)
         if is_main() and config.deepspeed.config_file is None and self.zero_stage > 0:
             sizes = ds_config["zero_optimization"]
-            print("deepspeed: ZeRO buckets sized from the model (no DeepSpeed JSON given): " + ", ".join(
-                f"{name.replace('_size', '').replace('stage3_', '')} {sizes[name]:,}" for name in bucket_sizes(1, self.zero_stage)) +
+            print("deepspeed: ZeRO's buffers sized from the model (no DeepSpeed JSON given): " + ", ".join(
+                f"{name.replace('_size', '').replace('stage3_', '')} {sizes[name]:,}" for name in zero_sizes(1, self.zero_stage, False)) +
                 " elements", flush=True)
         self.objective: Objective = "stage1"
         self._batch = (micro_batch_size, micro_batch_size * micro_batches * parallel.dp)
         self._skipped_by_us = 0  # ZeRO-0 steps turned into no-ops here (DeepSpeed counts the others)
+
+    @classmethod
+    def placement(cls, config: RunConfig, parallel: ParallelState, device: torch.device, micro_batch_size: int,
+                  micro_batches: int) -> Optional[Place]:
+        """ZeRO-3: each module's parameters are partitioned over the data-parallel ranks as soon as
+        they are built, in the run's precision, so that no rank (and no GPU) ever holds the whole
+        model; deepspeed.initialize then finds them partitioned, as under deepspeed.zero.Init."""
+        ds_config = deepspeed_config(config, micro_batch_size, micro_batches, device)
+        if ds_config["zero_optimization"]["stage"] != 3:
+            return None
+        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        mpu = parallel if parallel.tp > 1 else None
+        partitioned: list[nn.Parameter] = []
+
+        def place(params: list[nn.Parameter]) -> None:
+            for param in params:
+                param.data = param.data.to(dtype)
+            if partitioned:  # the settings of the first conversion, as DeepSpeed converts stragglers
+                partitioned[0].convert_to_zero_parameters(param_list=params)
+            else:
+                deepspeed.zero.Init(module=nn.ParameterList(params), config_dict_or_path=ds_config, dtype=dtype, mpu=mpu,
+                                    data_parallel_group=mpu.get_data_parallel_group() if mpu else None)
+            partitioned.extend(params[:1])
+
+        return place
 
     def configure(self, micro_batch_size: int, micro_batches: int, seq_length: int, objective: Objective) -> None:
         self.objective = objective
@@ -174,6 +220,53 @@ class DeepSpeedEngine(Engine):
 
     def close(self) -> None:
         self.ds.destroy()
+
+
+def share_master_weights(optimizer) -> None:
+    """ZeRO-3 keeps no second fp32 copy of the weights when the partitioned weights are fp32
+    already on the optimizer's device (its own comment says so), but DeepSpeed 0.19 tests that by
+    comparing a torch.device with a device name, which is never equal: an fp32 run holds the
+    weights twice (4 more bytes a parameter, split over the ranks). The copy is made the alias
+    DeepSpeed meant, before Adam holds any state of it."""
+    for weights, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+        if (weights is not None and weights.dtype == master.dtype and weights.device == master.device
+                and weights.data_ptr() != master.data_ptr()):
+            master.data = weights.data
+
+
+class _RestoreGradientCount(torch.autograd.Function):
+    """Identity on a module's output; in the backward, before the module's own, it gives the
+    module back the count of this call's input gradients (see release_after_each_call)."""
+
+    @staticmethod
+    def forward(ctx, output, module, count):
+        ctx.module, ctx.count = module, count
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module.ds_grads_remaining = ctx.count
+        return grad, None, None
+
+
+def _restore_gradient_count(module, inputs, output):
+    count = getattr(module, "ds_grads_remaining", 0)  # this call's (DeepSpeed resets it at every call)
+    if not (count and torch.is_grad_enabled()):
+        return output
+    return apply_to_tensors_only(lambda t: _RestoreGradientCount.apply(t, module, count) if t.requires_grad else t, output)
+
+
+def release_after_each_call(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's weights before its backward and releases them once the
+    gradients of its inputs are in, counted in module.ds_grads_remaining. DeepSpeed 0.19 resets
+    that count at every forward call, so a layer called once per loop counts only its last call:
+    the first backward use releases, the T - 1 others drive the count below zero and never do,
+    and from the second loop of the backward on the whole stack stays gathered on every rank until
+    the optimizer step. Restoring the call's count as each use's backward begins releases the
+    weights after every use, as they are released after every use in the forward."""
+    for module in model.modules():
+        if "post_bwd_fn" in module.__dict__:  # the modules DeepSpeed hooked
+            module.register_forward_hook(_restore_gradient_count)
 
 
 def _as_float(norm) -> float:

@@ -6,8 +6,10 @@ is a world of one. NCCL on GPUs, gloo on CPU."""
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +28,26 @@ def cpu_threads(processes: int) -> int:
     them makes every OpenMP region wait for a core (2 ranks x 2 threads on 2 cores made small
     matmuls take milliseconds)."""
     return max(1, (os.cpu_count() or 1) // processes)
+
+
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
+
+
+def return_freed_memory() -> None:
+    """Make the host's freed tensors go back to the system at once. glibc serves blocks below its
+    mmap threshold from heaps it keeps, and raises the threshold (up to 32 MiB) whenever a larger
+    block is freed; after that a rank's resident memory stays at its highest transient (ZeRO-3's
+    gathered weights, the fused head's gradient, Adam's temporaries) for the rest of the run.
+    A fixed threshold (glibc's starting value, M_MMAP_THRESHOLD) keeps every tensor-sized block
+    in a mapping of its own, unmapped when freed. Measured: README, "Memory per rank". A user's
+    MALLOC_MMAP_THRESHOLD_ wins; other C libraries are left as they are."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library: its own policy
+        return
+    libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD in malloc.h
 
 
 def _environment_from_slurm() -> None:
@@ -48,6 +70,7 @@ def launched_world_size() -> int:
 def init_distributed() -> torch.device:
     """Join (or create) the default process group; returns this process's device."""
     _environment_from_slurm()
+    return_freed_memory()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

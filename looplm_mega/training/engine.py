@@ -25,11 +25,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from looplm_mega.model import LoopLM
 from looplm_mega.model.losses import Objective
+from looplm_mega.parallel.build import Place
 from looplm_mega.parallel.state import ParallelState
 from looplm_mega.training.config import RunConfig
 from looplm_mega.training.metrics import StepMetrics
@@ -84,6 +86,14 @@ class Engine(ABC):
     def layout_for(cls, config: RunConfig, parallel: ParallelState) -> Layout:
         """The layout this engine runs a config at (known before it is built: a checkpoint written
         at another one is converted first)."""
+
+    @classmethod
+    def placement(cls, config: RunConfig, parallel: ParallelState, device: torch.device, micro_batch_size: int,
+                  micro_batches: int) -> Optional[Place]:
+        """What becomes of each module's parameters as soon as the model builder has given them
+        their values (parallel/build.py), before the engine exists; None: they stay whole on the
+        host until the engine takes the model."""
+        return None
 
     def layout(self) -> Layout:
         return self.layout_for(self.config, self.parallel)

@@ -9,8 +9,8 @@
     ...
     optimizer.safetensors            Adam's moments, full tensors (optional; training/optimizer.py)
 
-A split directory lets each rank of a run at that TP degree read only its own shard (memory
-bounded by the shard); any other degree reads the shards and re-splits them. Directories are
+A split directory lets each rank of a run at that TP degree read only its own shard; any other
+degree reads the shards and re-splits them (RankWeights, one tensor at a time). Directories are
 assembled under a temporary name and renamed when complete; an existing one is replaced only with
 overwrite=True, and only if it is a model directory (looplm_mega/outputs.py).
 """
@@ -181,12 +181,32 @@ def read_full_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return {name: merge([s[name] for s in shards], name, vocab_size) for name in shards[0]}
 
 
-def read_rank_state(model_dir: str | Path, rank: int, tp: int) -> Optional[dict[str, torch.Tensor]]:
-    """This rank's shards straight from a directory split at the same TP degree (padded as the model
-    is), or None when the directory is split otherwise (then read_full_state and shard)."""
-    if tensor_parallel_degree(Path(model_dir)) != tp or tp == 1:
-        return None
-    return load_file(str(Path(model_dir) / shard_file(rank, tp)))
+class RankWeights:
+    """A model directory's tensors as one TP rank's shards (vocabulary rows padded as the model's),
+    read one tensor at a time when asked: building a model from them (parallel/build.py) holds
+    one tensor beyond the model. A directory split at the same TP degree gives the rank its own
+    file's tensors as they are; any other is read whole (or merged from its shards) and split."""
+
+    def __init__(self, model_dir: str | Path, rank: int, tp: int, config: LoopLMConfig):
+        model_dir = Path(model_dir)
+        self.model_dir, self.rank, self.tp = model_dir, rank, tp
+        self.padded_vocab = padded_vocab_size(config.vocab_size, tp, config.make_vocab_size_divisible_by)
+        degree = tensor_parallel_degree(model_dir)
+        self.own = degree == tp > 1
+        if self.own:
+            self.tensors = lazy_tensors([model_dir / shard_file(rank, tp)])
+        elif degree == 1:
+            self.tensors = lazy_tensors(full_model_files(model_dir))
+        else:
+            vocab_size = read_config(model_dir).vocab_size
+            shards = [lazy_tensors([model_dir / shard_file(r, degree)]) for r in range(degree)]
+            self.tensors = {name: MergedTensor([s[name] for s in shards], name, vocab_size) for name in shards[0]}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"{self.model_dir}: no tensor {name}")
+        tensor = materialize(self.tensors[name])
+        return tensor if self.own else shard(tensor, name, self.rank, self.tp, self.padded_vocab)
 
 
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -19,7 +19,8 @@ import torch
 
 from looplm_mega.config import from_dict
 from looplm_mega.model.config import LoopLMConfig
-from looplm_mega.training.model_dir import OPTIMIZER_FILE, MergedTensor
+from looplm_mega.parallel.tensor_parallel import shard_shape
+from looplm_mega.training.model_dir import OPTIMIZER_FILE, MergedTensor, SafetensorsEntry, TensorLike, lazy_tensors, materialize
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -36,7 +37,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, frozen_in=None
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "norm" in name or "early_exit_gate" in name
+        exempt = len(shard_shape(param)) < 2 or "norm" in name or "early_exit_gate" in name
         decay = 0.0 if exempt else weight_decay
         frozen = frozen_in(name) if frozen_in is not None else ()
         group = groups.setdefault((decay, frozen), {"params": [], "weight_decay": decay, "base_weight_decay": decay,
@@ -48,12 +49,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, frozen_in=None
 def _parameter_order(run_config: dict, model_config: LoopLMConfig, pp_rank: int = 0, pp: int = 1) -> list[str]:
     """The names of the parameters in the order the trainer handed them to the optimizer (its
     groups, in order): torch optimizers' state dicts number the parameters that way."""
-    from looplm_mega.parallel.pipeline import build_pipeline_model
+    from looplm_mega.parallel.build import build_model
     from looplm_mega.training.config import RunConfig
 
     config = from_dict(RunConfig, run_config)
-    with torch.device("meta"):
-        model = build_pipeline_model(model_config, pp_rank, pp)
+    model = build_model(model_config, pp_rank, pp, materialize=False)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = parameter_groups(model, config.optimizer.weight_decay, config.curriculum_plan().frozen_in)
     return [names[id(p)] for group in groups for p in group["params"]]
@@ -150,8 +150,8 @@ def _merge_ranks(ranks: list[dict], vocab_size: int) -> dict[str, MergedTensor]:
 
 
 @torch.no_grad()
-def load_moments(engine, model, moments: dict[str, torch.Tensor], step: int) -> None:
-    """Put full moments into a live engine: this rank's TP shard of each, into whichever optimizer
+def load_moments(engine, model, moments: dict[str, "TensorLike"], step: int) -> None:
+    """Put full moments (read one at a time when lazy) into a live engine: this rank's TP shard of each, into whichever optimizer
     holds its state (DeepSpeed ZeRO 1-3 through safe_set_full_optimizer_state; torch's AdamW, or
     the shard ZeroRedundancyOptimizer keeps on this rank, directly). Parameters without moments
     keep a fresh state."""
@@ -165,7 +165,8 @@ def load_moments(engine, model, moments: dict[str, torch.Tensor], step: int) -> 
     for name, param in model.named_parameters():
         if moment_key(MOMENTS[0], name) not in moments:
             continue
-        shards = {m: model.tensor_parallel_shard(name, moments[moment_key(m, name)]).to(param.device) for m in MOMENTS}
+        shards = {m: model.tensor_parallel_shard(name, materialize(moments[moment_key(m, name)])).to(param.device)
+                  for m in MOMENTS}
         if hasattr(param, "ds_id"):  # ZeRO-3
             for moment, value in shards.items():
                 _set_zero3_partition(optimizer, param, value, moment)
@@ -200,14 +201,13 @@ def _create_zero_states(optimizer, step: int) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def read_moments(model_dir: str | Path) -> Optional[tuple[dict[str, torch.Tensor], int]]:
-    """(moments, Adam's step) of a model directory, or None when it has none."""
+def read_moments(model_dir: str | Path) -> Optional[tuple[dict[str, SafetensorsEntry], int]]:
+    """(moments, Adam's step) of a model directory, or None when it has none; each moment is read
+    from the file when asked (model_dir.materialize)."""
     import json
-
-    from safetensors.torch import load_file
 
     path = Path(model_dir) / OPTIMIZER_FILE
     if not path.exists():
         return None
     state = json.loads((Path(model_dir) / "trainer_state.json").read_text())
-    return load_file(str(path)), int(state["adam_step"])
+    return lazy_tensors([path]), int(state["adam_step"])

@@ -22,9 +22,9 @@ from looplm_mega.data.builder import build_datasets
 from looplm_mega.data.config import SPLIT_NAMES
 from looplm_mega.data.gpt_dataset import collate_batch
 from looplm_mega.data.sampler import PretrainingSampler
-from looplm_mega.model import LoopLM, training_flops_per_token
+from looplm_mega.model import training_flops_per_token
 from looplm_mega.model.flops import device_peak_flops
-from looplm_mega.parallel.pipeline import build_pipeline_model
+from looplm_mega.parallel.build import build_model
 from looplm_mega.parallel.state import check_parallel_sizes, initialize_parallel
 from looplm_mega.parallel.tensor_parallel import TensorParallel
 from looplm_mega.training import stop_signals
@@ -37,7 +37,7 @@ from looplm_mega.training.deepspeed_engine import DeepSpeedEngine
 from looplm_mega.training.distributed import init_distributed, is_main, launched_world_size
 from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import MetricsLogger, StepMetrics, ValidationMetrics
-from looplm_mega.training.model_dir import read_config, read_full_state, read_rank_state, read_trainer_state
+from looplm_mega.training.model_dir import RankWeights, read_config, read_trainer_state
 from looplm_mega.training.optimizer import load_moments, parameter_groups, read_moments
 from looplm_mega.training.pipeline_engine import PipelineEngine
 from looplm_mega.training.schedules import learning_rate
@@ -111,39 +111,29 @@ class Trainer:
         self.resume = None
 
     def _build(self, model_config, weights: Optional[str | Path], moments: bool = False) -> None:
-        """This rank's model (its TP shard and pipeline part), its weights from a model directory if
-        given, and a fresh engine around it (the looped pipeline's when PP > 1, else DeepSpeed's),
-        with Adam's moments from the directory if asked and present."""
-        config = self.config
+        """This rank's model (its TP shard and pipeline part; under ZeRO-3 its partition only),
+        drawn from the seed or read from a model directory tensor by tensor (parallel/build.py),
+        and a fresh engine around it (the looped pipeline's when PP > 1, else DeepSpeed's), with
+        Adam's moments from the directory if asked and present."""
+        config, tp = self.config, self.tensor_parallel
         self.model_config = model_config  # the live config: the model reads loops and beta from it
-        model = build_pipeline_model(model_config, self.parallel.pp_rank, self.parallel.pp, self.tensor_parallel)
+        first = self.curriculum.states[0]
+        micro_batches = self.curriculum.batch_samples(0) // (first.micro_batch_size * self.data_parallel_size)
+        place = self.engine_class.placement(config, self.parallel, self.device, first.micro_batch_size, micro_batches)
+        try:
+            source = None if weights is None else RankWeights(weights, tp.rank, tp.size, model_config)
+            model = build_model(model_config, self.parallel.pp_rank, self.parallel.pp, tp, weights=source, place=place)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"training.init_from: {weights} does not fit model {config.model}: {e}") from None
         count = torch.tensor([model.num_parameters()], dtype=torch.float64)
         dist.all_reduce(count, group=self.parallel.pp_group)  # the parts of a pipeline add up
         self.num_parameters = int(count.item())
-        if weights is not None:
-            self._load_weights(model, weights)
         groups = parameter_groups(model, config.optimizer.weight_decay, self.curriculum.frozen_in)
-        first = self.curriculum.states[0]
-        micro_batches = self.curriculum.batch_samples(0) // (first.micro_batch_size * self.data_parallel_size)
         self.engine: Engine = self.engine_class(model, groups, config, self.parallel, self.device, first.micro_batch_size,
                                                 micro_batches)
         saved = read_moments(weights) if moments and weights is not None else None
         if saved is not None:
             load_moments(self.engine, model, *saved)
-
-    def _load_weights(self, model: LoopLM, source: str | Path) -> None:
-        """Full weights from a consolidated model directory: this rank's TP shard of each tensor
-        (and, under PP, of its own layers)."""
-        tp = self.tensor_parallel
-        try:
-            shards = read_rank_state(source, tp.rank, tp.size)  # a directory split at this TP degree
-            own = model.state_dict().keys()
-            if shards is not None:
-                model.load_state_dict({n: t for n, t in shards.items() if n in own})
-            else:
-                model.load_full_state_dict({n: t for n, t in read_full_state(source).items() if n in own})
-        except RuntimeError as e:
-            raise ConfigError(f"training.init_from: {source} does not fit model {self.config.model}: {e}") from None
 
     def _upcycle(self, stage: StageState) -> None:
         """Grow the live model to the stage's layer count: the boundary checkpoint (or, at the

@@ -8,7 +8,8 @@ import torch.distributed as dist
 from looplm_mega.config import ConfigError
 from looplm_mega.model import LoopLM
 from looplm_mega.model.attention import segment_ids_from_eod
-from looplm_mega.parallel.pipeline import LoopedPipeline, build_pipeline_model, check_pipeline, owned_layers
+from looplm_mega.parallel.build import build_model
+from looplm_mega.parallel.pipeline import LoopedPipeline, check_pipeline, owned_layers
 from looplm_mega.parallel.state import initialize_parallel
 
 from tests.distributed import run_distributed
@@ -27,7 +28,7 @@ def _pipeline_side_by_side(loops: int, objective: str = "stage1", model: dict | 
     torch.manual_seed(0)
     reference = LoopLM(config)
     torch.manual_seed(0)
-    part = build_pipeline_model(config, state.pp_rank, 2)
+    part = build_model(config, state.pp_rank, 2)
     assert sorted({n.split(".")[2] for n, _ in part.named_parameters() if n.startswith("model.layers.")}) == [
         str(i) for i in owned_layers(4, 2, state.pp_rank)]
     pipeline = LoopedPipeline(part, state.pp_rank, 2, state.pp_group, MICRO_BATCHES, (ROWS, 12), torch.device("cpu"), objective)

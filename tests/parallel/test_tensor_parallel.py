@@ -8,12 +8,13 @@ import torch.distributed as dist
 from looplm_mega.config import ConfigError
 from looplm_mega.model import LoopLM
 from looplm_mega.model.attention import segment_ids_from_eod
+from looplm_mega.parallel.build import build_model
 from looplm_mega.parallel.state import check_parallel_sizes, initialize_parallel
 from looplm_mega.parallel.tensor_parallel import (
     TensorParallel, check_tensor_parallel, global_grad_norm, merge, padded_vocab_size, partition_dim, shard,
 )
 
-from looplm_mega.training.model_dir import read_full_state, read_rank_state, write_model_dir
+from looplm_mega.training.model_dir import RankWeights, read_full_state, write_model_dir
 
 from tests.distributed import run_distributed
 from tests.helpers import tiny_config
@@ -104,10 +105,9 @@ def _load_and_infer(model_dir: str) -> None:
         write_model_dir(f"{model_dir}/whole", full, config)
         write_model_dir(f"{model_dir}/split", full, config, tp=2)
     dist.barrier()
-    assert read_rank_state(f"{model_dir}/whole", tp.rank, 2) is None
-    from_whole, from_split = LoopLM(config, tp), LoopLM(config, tp)  # other weights: the seed moved on
-    from_whole.load_full_state_dict(read_full_state(f"{model_dir}/whole"))
-    from_split.load_state_dict(read_rank_state(f"{model_dir}/split", tp.rank, 2))
+    whole, split = (RankWeights(f"{model_dir}/{name}", tp.rank, 2, config) for name in ("whole", "split"))
+    assert split.own and not whole.own  # the split directory's own file is read as it is
+    from_whole, from_split = (build_model(config, tp=tp, weights=weights) for weights in (whole, split))
     assert torch.equal(read_full_state(f"{model_dir}/split")["lm_head.weight"], full["lm_head.weight"])
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from looplm_mega.parallel.pipeline import build_pipeline_model
+from looplm_mega.parallel.build import build_model
 from looplm_mega.parallel.state import initialize_parallel
 from looplm_mega.training.optimizer import parameter_groups
 from looplm_mega.training.pipeline_engine import PipelineEngine
@@ -19,7 +19,7 @@ def _engine_steps(config) -> None:
     dist.init_process_group("gloo")
     state = initialize_parallel(pp=2)
     torch.manual_seed(0)
-    model = build_pipeline_model(tiny_config(num_hidden_layers=2), state.pp_rank, 2)
+    model = build_model(tiny_config(num_hidden_layers=2), state.pp_rank, 2)
     engine = PipelineEngine(model, parameter_groups(model, 0.1), config, state, torch.device("cpu"))
     engine.configure(2, 2, 8, "stage1")
     pipeline = engine.pipeline
