@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 
 from looplm_mega.model import LoopLM
+from looplm_mega.parallel.build import build_model
 from looplm_mega.training.hf_format import read_hf_config
-from looplm_mega.training.model_dir import read_config, read_full_state
+from looplm_mega.training.model_dir import RankWeights, read_config
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> LoopLM:
@@ -24,12 +25,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
         config = read_hf_config(path)
     else:
         raise FileNotFoundError(f"{path}: neither config.yaml (a model directory) nor config.json (released format)")
-    state = read_full_state(path)
-    dtype = dtype or next(iter(state.values())).dtype
-    with torch.device("meta"):
-        model = LoopLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    # Non-persistent buffers (RoPE frequencies) are not in the file; rebuild them on the device.
-    model.model.rotary_emb.set_theta(config.rope_theta)
-    model.load_full_state_dict(state)
-    return model.eval()
+    weights = RankWeights(path, 0, 1, config)  # read one tensor at a time into the model
+    return build_model(config, weights=weights, dtype=dtype or weights.dtype).to(device).eval()

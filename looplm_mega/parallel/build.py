@@ -26,13 +26,17 @@ Place = Callable[[list[nn.Parameter]], None]  # takes a module's parameters once
 
 
 def build_model(config: LoopLMConfig, pp_rank: int = 0, pp: int = 1, tp: TensorParallel = TensorParallel(), *,
-                weights: Optional[Weights] = None, place: Optional[Place] = None, materialize: bool = True) -> LoopLM:
+                weights: Optional[Weights] = None, place: Optional[Place] = None, materialize: bool = True,
+                dtype: torch.dtype = torch.float32) -> LoopLM:
     """This rank's model: its pipeline layers (keeping their global index in the names,
     `model.layers.7...` on the rank that owns layer 7, so checkpoints carry the released names)
-    and its TP shards, initialised from the seed or, with `weights`, read from them. With
-    materialize=False the part stays on the meta device (its names and shapes)."""
+    and its TP shards, initialised from the seed or, with `weights`, read from them; parameters in
+    `dtype` (buffers stay fp32). With materialize=False the part stays on the meta device (its
+    names and shapes)."""
     with torch.device("meta"):
         model = LoopLM(config, tp)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     modules = [(name, m) for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
     if pp > 1:
         _cut(model, pp_rank, pp)

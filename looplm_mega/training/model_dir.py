@@ -202,6 +202,11 @@ class RankWeights:
             shards = [lazy_tensors([model_dir / shard_file(r, degree)]) for r in range(degree)]
             self.tensors = {name: MergedTensor([s[name] for s in shards], name, vocab_size) for name in shards[0]}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the directory stores its weights in (that of its first tensor)."""
+        return next(iter(self.tensors.values())).dtype
+
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
             raise KeyError(f"{self.model_dir}: no tensor {name}")
