@@ -25,6 +25,9 @@ from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import StepMetrics
 
 
+DEEPSPEED_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default, where a DeepSpeed JSON names none
+
+
 def zero_sizes(hidden_size: int, zero_stage: int, looped: bool) -> dict:
     """ZeRO's buffers sized from the model. DeepSpeed's defaults are sized for models far larger
     than their buffers' share of memory (5e8-element buckets: 2 GB each in fp32 on every rank).
@@ -216,7 +219,12 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def layout_for(cls, config: RunConfig, parallel: ParallelState) -> Layout:
-        return Layout(parallel.dp, parallel.tp, 1, config.deepspeed.resolved_zero_stage(), parallel.sequence_parallel)
+        stage = config.deepspeed.resolved_zero_stage()
+        sub_group_size = None
+        if stage == 3:
+            zero = deepspeed_config(config, 1, 1, torch.device("cpu"))["zero_optimization"]
+            sub_group_size = int(zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
+        return Layout(parallel.dp, parallel.tp, 1, stage, parallel.sequence_parallel, sub_group_size)
 
     def close(self) -> None:
         self.ds.destroy()

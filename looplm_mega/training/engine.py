@@ -46,10 +46,14 @@ class Layout:
     pp: int
     zero_stage: int
     sequence_parallel: bool = False
+    # ZeRO-3's optimizer sub-group size shapes its optimizer files (None: not ZeRO-3, or a
+    # checkpoint from before it was recorded, which is then converted like any other layout).
+    sub_group_size: Optional[int] = None
 
     def __str__(self) -> str:
         sp = " with SP" if self.sequence_parallel else ""
-        return f"TP={self.tp}{sp} x PP={self.pp} x DP={self.dp}, ZeRO-{self.zero_stage}"
+        sub_groups = f" (optimizer sub-groups of {self.sub_group_size:,})" if self.sub_group_size else ""
+        return f"TP={self.tp}{sp} x PP={self.pp} x DP={self.dp}, ZeRO-{self.zero_stage}{sub_groups}"
 
 
 class Engine(ABC):

@@ -128,6 +128,19 @@ def test_a_tensor_parallel_checkpoint_continues_without_tensor_parallelism(datas
     _assert_continues(tp1, reference, [5, 6])
 
 
+def test_a_zero3_checkpoint_with_other_optimizer_sub_groups_continues_through_conversion(dataset, tmp_path):
+    # ZeRO-3's optimizer files are laid out by sub-group: a checkpoint written with other sub-groups
+    # (DeepSpeed's default, as every ZeRO-3 checkpoint from before they were sized) cannot load as
+    # it is; the run converts it, as for any other layout, and continues as it would have.
+    old = {"zero_stage": 3, "extra": {"zero_optimization": {"sub_group_size": 10**9}}}
+    reference = tmp_path / "reference"
+    run_distributed(_pretrain, 2, run_config(dataset, reference, deepspeed=old))
+    resumed = _resumable_copy(reference, "step00000003", tmp_path / "resumed")
+    run_distributed(_pretrain, 2, run_config(dataset, resumed, deepspeed={"zero_stage": 3}))
+    _assert_continues(resumed, reference, [4, 5, 6])
+    assert not list(resumed.glob(".converting-*"))
+
+
 @pytest.mark.parametrize("damage", ["latest", "shard"])
 def test_a_damaged_checkpoint_stops_the_entry_point_with_one_message(dataset, reference, tmp_path, damage):
     import subprocess

@@ -46,7 +46,7 @@ def test_a_save_writes_a_manifest_last_and_moves_latest(tmp_path):
     manifest = json.loads((path / MANIFEST).read_text())
     assert {f["name"] for f in manifest["files"]} == {"engine.pt", "rng_rank00000.pt", "trainer_state.json"}
     assert all(f["size"] == (path / f["name"]).stat().st_size for f in manifest["files"])
-    assert manifest["layout"] == {"dp": 1, "tp": 1, "pp": 1, "zero_stage": 0, "sequence_parallel": False}
+    assert manifest["layout"] == {"dp": 1, "tp": 1, "pp": 1, "zero_stage": 0, "sequence_parallel": False, "sub_group_size": None}
     assert (tmp_path / LATEST).read_text() == "step00000010" and resume_tag(tmp_path, "latest") == "step00000010"
 
 
