@@ -10,7 +10,6 @@ from typing import Optional
 
 import deepspeed
 import torch
-from deepspeed.runtime.zero.utils import apply_to_tensors_only
 from torch import nn
 
 from looplm_mega.config import merge
@@ -23,6 +22,7 @@ from looplm_mega.training.config import RunConfig
 from looplm_mega.training.distributed import is_main
 from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import StepMetrics
+from looplm_mega.training.zero3 import reduce_after_each_call, release_after_each_call, share_master_weights
 
 
 DEEPSPEED_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default, where a DeepSpeed JSON names none
@@ -92,9 +92,12 @@ class DeepSpeedEngine(Engine):
                                                 mpu=parallel if parallel.tp > 1 else None)
         self.optimizer = self.ds.optimizer
         self.zero_stage = self.ds.zero_optimization_stage()
+        self.per_call = None
         if self.zero_stage == 3:
             share_master_weights(self.optimizer)
             release_after_each_call(model)
+            if model.config.total_ut_steps > 1:
+                self.per_call = reduce_after_each_call(self.optimizer, model.model.layers)
         if is_main() and config.deepspeed.config_file is None and self.zero_stage > 0:
             sizes = ds_config["zero_optimization"]
             print("deepspeed: ZeRO's buffers sized from the model (no DeepSpeed JSON given): " + ", ".join(
@@ -146,6 +149,8 @@ class DeepSpeedEngine(Engine):
     def train_batch(self, micro_batches: list[dict]) -> StepMetrics:
         skipped_before = self.skipped_steps
         readouts, zero0_norm = [], None
+        if self.per_call is not None:
+            self.per_call.new_step()
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
             # The boundary is ours to say: the number of micro-batches changes with the batch.
@@ -228,53 +233,6 @@ class DeepSpeedEngine(Engine):
 
     def close(self) -> None:
         self.ds.destroy()
-
-
-def share_master_weights(optimizer) -> None:
-    """ZeRO-3 keeps no second fp32 copy of the weights when the partitioned weights are fp32
-    already on the optimizer's device (its own comment says so), but DeepSpeed 0.19 tests that by
-    comparing a torch.device with a device name, which is never equal: an fp32 run holds the
-    weights twice (4 more bytes a parameter, split over the ranks). The copy is made the alias
-    DeepSpeed meant, before Adam holds any state of it."""
-    for weights, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
-        if (weights is not None and weights.dtype == master.dtype and weights.device == master.device
-                and weights.data_ptr() != master.data_ptr()):
-            master.data = weights.data
-
-
-class _RestoreGradientCount(torch.autograd.Function):
-    """Identity on a module's output; in the backward, before the module's own, it gives the
-    module back the count of this call's input gradients (see release_after_each_call)."""
-
-    @staticmethod
-    def forward(ctx, output, module, count):
-        ctx.module, ctx.count = module, count
-        return output.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.module.ds_grads_remaining = ctx.count
-        return grad, None, None
-
-
-def _restore_gradient_count(module, inputs, output):
-    count = getattr(module, "ds_grads_remaining", 0)  # this call's (DeepSpeed resets it at every call)
-    if not (count and torch.is_grad_enabled()):
-        return output
-    return apply_to_tensors_only(lambda t: _RestoreGradientCount.apply(t, module, count) if t.requires_grad else t, output)
-
-
-def release_after_each_call(model: torch.nn.Module) -> None:
-    """ZeRO-3 gathers a module's weights before its backward and releases them once the
-    gradients of its inputs are in, counted in module.ds_grads_remaining. DeepSpeed 0.19 resets
-    that count at every forward call, so a layer called once per loop counts only its last call:
-    the first backward use releases, the T - 1 others drive the count below zero and never do,
-    and from the second loop of the backward on the whole stack stays gathered on every rank until
-    the optimizer step. Restoring the call's count as each use's backward begins releases the
-    weights after every use, as they are released after every use in the forward."""
-    for module in model.modules():
-        if "post_bwd_fn" in module.__dict__:  # the modules DeepSpeed hooked
-            module.register_forward_hook(_restore_gradient_count)
 
 
 def _as_float(norm) -> float:

@@ -1,0 +1,147 @@
+"""What ZeRO-3 needs to hold what it promises for a looped model: every layer of the shared stack
+is called once per loop, and DeepSpeed 0.19 counts, releases and reduces per module as if each
+were called once. The DeepSpeed engine applies these after deepspeed.initialize; each is measured
+in the README ("Memory per rank") and held by tests/training/test_deepspeed_engine.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from deepspeed.runtime.zero.utils import apply_to_tensors_only
+from torch import nn
+
+
+def share_master_weights(optimizer) -> None:
+    """ZeRO-3 keeps no second fp32 copy of the weights when the partitioned weights are fp32
+    already on the optimizer's device (its own comment says so), but DeepSpeed 0.19 tests that by
+    comparing a torch.device with a device name, which is never equal: an fp32 run holds the
+    weights twice (4 more bytes a parameter, split over the ranks). The copy is made the alias
+    DeepSpeed meant, before Adam holds any state of it."""
+    for weights, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+        if (weights is not None and weights.dtype == master.dtype and weights.device == master.device
+                and weights.data_ptr() != master.data_ptr()):
+            master.data = weights.data
+
+
+class _RestoreGradientCount(torch.autograd.Function):
+    """Identity on a module's output; in the backward, before the module's own, it gives the
+    module back the count of this call's input gradients (see release_after_each_call)."""
+
+    @staticmethod
+    def forward(ctx, output, module, count):
+        ctx.module, ctx.count = module, count
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module.ds_grads_remaining = ctx.count
+        return grad, None, None
+
+
+def _restore_gradient_count(module, inputs, output):
+    count = getattr(module, "ds_grads_remaining", 0)  # this call's (DeepSpeed resets it at every call)
+    if not (count and torch.is_grad_enabled()):
+        return output
+    return apply_to_tensors_only(lambda t: _RestoreGradientCount.apply(t, module, count) if t.requires_grad else t, output)
+
+
+def release_after_each_call(model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's weights before its backward and releases them once the
+    gradients of its inputs are in, counted in module.ds_grads_remaining. DeepSpeed 0.19 resets
+    that count at every forward call, so a layer called once per loop counts only its last call:
+    the first backward use releases, the T - 1 others drive the count below zero and never do,
+    and from the second loop of the backward on the whole stack stays gathered on every rank until
+    the optimizer step. Restoring the call's count as each use's backward begins releases the
+    weights after every use, as they are released after every use in the forward."""
+    for module in model.modules():
+        if "post_bwd_fn" in module.__dict__:  # the modules DeepSpeed hooked
+            module.register_forward_hook(_restore_gradient_count)
+
+
+class _LinearReducedPerCall(torch.autograd.Function):
+    """F.linear (no bias) whose weight gradient goes to `hand_off` as soon as this call's backward
+    forms it, instead of back to autograd. The weight is kept as the parameter object, not as a
+    saved tensor: ZeRO-3 swaps its data for the gathered weight before this call's backward
+    and back after, and nothing here keeps the gathered tensor alive in between."""
+
+    @staticmethod
+    def forward(ctx, x, weight, hand_off):
+        device = x.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.hand_off, ctx.weight = hand_off, weight
+        ctx.save_for_backward(x)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,), weight = ctx.saved_tensors, ctx.weight
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the products as the forward formed them
+            grad_x = torch.matmul(grad, weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.matmul(grad.reshape(-1, grad.shape[-1]).T, x.reshape(-1, x.shape[-1]))
+        ctx.hand_off(weight, grad_weight.to(weight.dtype))
+        return grad_x, None, None
+
+
+class _PerCallReduction:
+    """The stack's weight gradients reduce-scattered call by call (see reduce_after_each_call)."""
+
+    def __init__(self, optimizer, linears: list[nn.Linear]):
+        self.optimizer = optimizer
+        self.handed = {id(linear.weight) for linear in linears}
+        self.reduced: set[int] = set()  # parameters reduced in the micro-batch that starts a step
+        self._reduce = optimizer.reduce_independent_p_g_buckets_and_remove_grads
+        self._partition = optimizer.partition_grads
+        self._flush = optimizer._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads
+        optimizer.reduce_independent_p_g_buckets_and_remove_grads = self._reduce_unless_handed
+        optimizer.partition_grads = self._partition_adding_repeats
+        for linear in linears:
+            linear.forward = lambda x, linear=linear: _LinearReducedPerCall.apply(x, linear.weight, self.hand_off)
+
+    def new_step(self) -> None:
+        self.reduced.clear()
+
+    def hand_off(self, param: nn.Parameter, grad: torch.Tensor) -> None:
+        comm_dtype = self.optimizer.get_param_comm_dtype(param)
+        if any(p is param for p in self.optimizer.ipg_buckets[comm_dtype].params):
+            self._flush(comm_dtype)  # the bucket reads this parameter's previous gradient from it
+        param.grad = grad
+        self._reduce(param)
+
+    def _reduce_unless_handed(self, param: nn.Parameter) -> None:
+        # DeepSpeed's hook after autograd's accumulation: every call of a handed parameter has been
+        # reduced already, and autograd got no gradient for it.
+        if id(param) not in self.handed:
+            self._reduce(param)
+
+    def _partition_adding_repeats(self, params: list, grad_partitions: list):
+        # DeepSpeed copies a reduced gradient into its partition in a step's first micro-batch and
+        # adds it in the later ones; a parameter reduced once per call needs its later calls added.
+        if self.optimizer.micro_step_id != 0:
+            return self._partition(params, grad_partitions)
+        repeats = [p.ds_id in self.reduced for p in params]
+        self.reduced.update(p.ds_id for p in params)
+        buffers = self._partition([p for p, r in zip(params, repeats) if not r],
+                                  [g for g, r in zip(grad_partitions, repeats) if not r])
+        if any(repeats):
+            self.optimizer.micro_step_id = 1  # "not the first micro-batch": add
+            try:
+                buffers += self._partition([p for p, r in zip(params, repeats) if r],
+                                           [g for g, r in zip(grad_partitions, repeats) if r])
+            finally:
+                self.optimizer.micro_step_id = 0
+        return buffers
+
+
+def reduce_after_each_call(optimizer, stack: nn.Module) -> _PerCallReduction:
+    """Autograd sums the gradients of a weight used T times before it hands the sum to the
+    weight's accumulator, once, after the weight's last use in the backward: ZeRO-3's hook, and
+    its reduce-scatter, come only then. For the shared stack the last use is the first loop, the
+    last one the backward reaches, so every rank holds the whole stack's full gradient from the
+    backward's first loop to its last (4 bytes a parameter of the stack; measured in the README).
+    Here each call of a stack's linear layer hands its weight gradient to ZeRO-3 as its backward
+    forms it, so at most one layer's gradient is whole at a time, as in a model without loops.
+    The linear layers hold nearly all of the stack's parameters; its norms' few stay with autograd.
+    The engine calls new_step() before each step's first micro-batch."""
+    linears = [m for m in stack.modules() if type(m) is nn.Linear and m.bias is None]
+    return _PerCallReduction(optimizer, linears)
