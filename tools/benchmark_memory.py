@@ -2,9 +2,12 @@
 """Host memory per rank of a pretraining run, by phase, against what its ZeRO stage must hold.
 
 N processes on this machine (gloo) run the trainer on random tokens: each rank records its peak
-resident memory (ru_maxrss) once the runtime is up (torch, DeepSpeed, the process groups: before
-any model exists), after the model and engine are built, after the training steps, and after the
-final checkpoint. "Must hold" is what the optimizer states need at the stage, per rank: ZeRO-3
+resident memory (ru_maxrss) once the runtime is up, after the model and engine are built, after
+the training steps, and after the final checkpoint. The runtime is what any run holds whatever its
+model: torch, DeepSpeed, the process groups, and the code and kernels a run loads on first use
+(DeepSpeed's first initialize alone imports some 600 modules, about 45 MiB). Each rank therefore
+first runs the same configuration with a negligible model (hidden size 8, one layer: one step and a
+checkpoint), and the runtime is its peak after that run. "Must hold" is what the optimizer states need at the stage, per rank: ZeRO-3
 splits the fp32 weights, gradients and Adam's two moments (16 bytes a parameter) over the ranks;
 ZeRO-1/2 keep the weights and gradients whole (8) and split the moments (8); ZeRO-0 keeps all 16.
 
@@ -15,6 +18,7 @@ ZeRO-1/2 keep the weights and gradients whole (8) and split the moments (8); ZeR
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -32,6 +36,8 @@ from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.training.distributed import free_port  # noqa: E402
 
 MIB = 2**20
+NEGLIGIBLE = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1,
+              "num_key_value_heads": 1}  # the warm-up run's model: the vocabulary stays the data's
 
 
 def must_hold(parameters: int, zero_stage: int, ranks: int) -> float:
@@ -53,6 +59,13 @@ def _rank(rank: int, world: int, port: int, run: dict, out: str) -> None:
     from looplm_mega.training.distributed import init_distributed
 
     init_distributed()
+    warm_up = {**run, "run_dir": f"{run['run_dir']}_warm_up", "model": {**run["model"], **NEGLIGIBLE},
+               "training": {**run["training"], "train_steps": 1, "log_interval": 1}}
+    warm = trainer_module.Trainer(from_dict(RunConfig, warm_up))
+    warm.train()
+    warm.engine.close()
+    del warm
+    gc.collect()
     phases = {"runtime": peak_rss()}
     config = from_dict(RunConfig, run)
     start = time.perf_counter()

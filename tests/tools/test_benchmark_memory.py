@@ -2,11 +2,11 @@
 
 The model is shaped like the Ouro models (the layer stack holds most of the parameters: 14% of
 ouro_1_4b is the embedding and head, 86% here) with the activation checkpointing their configs
-use, so that what ZeRO-3 must hold is what dominates, as on a real run. The ceilings are today's
-figures (README, "Memory per rank") with 10% to spare: they hold what has been won (meta-device
-construction, the looped backward's release, no whole-stack prefetch, freed memory returned,
-windowed checksums); each of those lost shows as a breach. Issue 18's target, 1.5x, is not met
-yet: the README says where the rest goes."""
+use, so that what ZeRO-3 must hold is what dominates, as on a real run. The ceiling is issue 18's
+target, 1.5x at DP 2 and 4, save included (measured: README, "Memory per rank"); what holds it
+there is what has been won (meta-device construction, each loop's weights released and each
+call's weight gradient reduced, no whole-stack prefetch, freed memory returned, windowed
+checksums): losing the per-call reduction alone puts DP 4 above 2x."""
 
 import pytest
 
@@ -14,14 +14,14 @@ from tools.benchmark_memory import measure
 
 SHAPE = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 16, "vocab_size": 8192,
          "num_attention_heads": 8, "num_key_value_heads": 8, "activation_checkpointing": "layer"}
-CEILING = {2: 1.9, 4: 2.75}  # measured 2026-12-03: 1.75x and 2.49x
+CEILING = 1.5
 
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_zero3_peak_memory_per_rank_against_what_zero3_must_hold(tmp_path, processes):
     result = measure("small", SHAPE, 3, processes, 2, tmp_path)
     full_model_mib = 4 * result["parameters"] / 2**20
-    assert result["ratio"] <= CEILING[processes], result
+    assert result["ratio"] <= CEILING, result
     # Before the engine exists a rank holds its partition, not the model: what the built phase adds
     # is DeepSpeed's own set-up (flat buffers, the gradient partitions), smaller than the model by
     # DP 4 and always below the training peak.
