@@ -113,6 +113,13 @@ def test_bad_flags_give_a_clear_error(tmp_path, tokenizer_path, args, message):
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
 
 
+def _interruptible() -> None:
+    """Ctrl-C as a terminal gives it: an ignored or blocked SIGINT is inherited across exec, and a
+    test runner's worker process may hold one (seen in the full suite under xdist)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.mark.parametrize("workers, stop_signal, code, message", [
     (1, signal.SIGINT, 130, "interrupted: no output written"), (2, signal.SIGINT, 130, "interrupted: no output written"),
     (2, signal.SIGTERM, 143, "terminated: no output written")])
@@ -123,7 +130,8 @@ def test_ctrl_c_or_sigterm_leaves_no_output(tmp_path, tokenizer_path, texts, wor
     os.mkfifo(fifo)
     process = subprocess.Popen([sys.executable, str(TOOL), "--input", str(fifo), "--tokenizer", str(tokenizer_path),
                                 "--output-prefix", str(tmp_path / "out/c"), "--workers", str(workers),
-                                "--batch-documents", "2", "--log-interval", "1"], stderr=subprocess.PIPE, text=True)
+                                "--batch-documents", "2", "--log-interval", "1"], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_interruptible)
     stop = threading.Event()
 
     def feed():
