@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from looplm_mega.cli import HelpFormatter  # noqa: E402
 from looplm_mega.data.token_ids import check_token_ids  # noqa: E402
-from looplm_mega.model import LoopLM  # noqa: E402
+from looplm_mega.inference.loading import load_model  # noqa: E402
 from looplm_mega.outputs import OutputError, check_output_dir, exit_with  # noqa: E402
-from looplm_mega.training.model_dir import MODEL_DIR, read_config, read_full_state  # noqa: E402
+from looplm_mega.training.model_dir import MODEL_DIR, read_config  # noqa: E402
 from looplm_mega.training.upcycle import read_source_config, upcycle  # noqa: E402
 
 
@@ -49,10 +49,9 @@ def _batches(config, data: str | None, count: int, seq: int) -> list[torch.Tenso
 
 
 @torch.no_grad()
-def per_loop_ce(model_dir: Path, config, batches: list[torch.Tensor]) -> list[float]:
-    model = LoopLM(config).eval()
-    model.load_full_state_dict(read_full_state(model_dir))
-    total = torch.zeros(config.total_ut_steps)
+def per_loop_ce(model_dir: Path, batches: list[torch.Tensor]) -> list[float]:
+    model = load_model(model_dir, dtype=torch.float32)
+    total = torch.zeros(model.config.total_ut_steps)
     for batch in batches:
         total += model(batch[:, :-1], labels=batch[:, 1:]).ce_per_loop
     return (total / len(batches)).tolist()
@@ -105,8 +104,8 @@ def main(argv=None) -> None:
         except ValueError as e:  # IndexedDatasetError, ConfigError (token ids outside the vocabulary)
             sys.exit(f"error: {e}")
         where = args.check_data or "random tokens"
-        for name, directory, config in (("original", source, original), ("upcycled", out, grown)):
-            ce = per_loop_ce(directory, config, batches)
+        for name, directory in (("original", source), ("upcycled", out)):
+            ce = per_loop_ce(directory, batches)
             print(f"function check ({where}), {name:8}: CE per loop " + " / ".join(f"{v:.4f}" for v in ce))
 
 

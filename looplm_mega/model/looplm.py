@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,25 @@ class LoopLMOutput:
         return None if self.terms is None else self.terms.ce_per_loop
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabularyMatrix:
+    """The embedding and the head: [vocabulary, hidden] matrices, the largest tensors of a model,
+    whose forward reads the weight through forward_weight(). A trainer may set `weight_hook`, a
+    function the weight passes through on its way into the forward: ZeRO-3 hands the weight's
+    gradient over there, and, where the backward reads none of the weight, does not gather it
+    again for the backward (training/zero3.py)."""
+
+    weight: nn.Parameter
+    weight_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def backward_reads_weight(self) -> bool:
+        return False  # the embedding's gradient is scattered by the ids alone
+
+    def forward_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_hook is None else self.weight_hook(self.weight)
+
+
+class VocabParallelEmbedding(VocabularyMatrix, nn.Embedding):
     """The token embedding; under TP each rank holds a contiguous slice of the (padded) vocabulary,
     looks up the ids in its range and the partial results are summed across the group."""
 
@@ -63,10 +81,10 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.tp.enabled:
-            return super().forward(input_ids)
+            return F.embedding(input_ids, self.forward_weight())
         local = input_ids - self.tp.rank * self.num_embeddings
         outside = (local < 0) | (local >= self.num_embeddings)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = F.embedding(local.masked_fill(outside, 0), self.forward_weight()).masked_fill(outside.unsqueeze(-1), 0.0)
         return self.tp.exit(out)
 
 
@@ -94,11 +112,12 @@ class LoopLMBackbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
 
-class LMHead(nn.Linear):
+class LMHead(VocabularyMatrix, nn.Linear):
     """The read-out head. Called with hidden states alone it gives logits; with labels and token
     weights it gives the weighted per-token cross-entropy without materialising the logits
     (cross_entropy.linear_cross_entropy). The loss runs inside this module's own forward so that
-    ZeRO-3 gathers the head weight for it, in the forward and again in the backward.
+    ZeRO-3 gathers the head weight for it. The fused loss forms every gradient in the forward, so
+    its backward reads none of the weight; the plain one's does.
     Vocab-parallel under TP: the hidden states given with labels are already whole sequences,
     entered into the TP region by the caller (LoopLM.forward)."""
 
@@ -111,12 +130,16 @@ class LMHead(nn.Linear):
         self.tp = tp
         mark_tensor_parallel(self, 0, tp)
 
+    @property
+    def backward_reads_weight(self) -> bool:
+        return not self.fused
+
     def forward(self, hidden, labels=None, token_weights=None):
         if labels is None:
-            logits = F.linear(self.tp.enter(hidden, hidden.ndim - 2), self.weight)
+            logits = F.linear(self.tp.enter(hidden, hidden.ndim - 2), self.forward_weight())
             return self.tp.gather_vocab(logits)[..., : self.vocab_size]
         group = self.tp.group if self.tp.enabled else None
-        return linear_cross_entropy(hidden, self.weight, labels, token_weights, self.chunk_tokens, self.fused,
+        return linear_cross_entropy(hidden, self.forward_weight(), labels, token_weights, self.chunk_tokens, self.fused,
                                     vocab_size=self.vocab_size, group=group)
 
 

@@ -22,7 +22,7 @@ from looplm_mega.training.config import RunConfig
 from looplm_mega.training.distributed import is_main
 from looplm_mega.training.engine import Engine, Layout
 from looplm_mega.training.metrics import StepMetrics
-from looplm_mega.training.zero3 import reduce_after_each_call, release_after_each_call, share_master_weights
+from looplm_mega.training.zero3 import hand_gradients_to_zero3, release_after_each_call, share_master_weights
 
 
 DEEPSPEED_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default, where a DeepSpeed JSON names none
@@ -92,12 +92,11 @@ class DeepSpeedEngine(Engine):
                                                 mpu=parallel if parallel.tp > 1 else None)
         self.optimizer = self.ds.optimizer
         self.zero_stage = self.ds.zero_optimization_stage()
-        self.per_call = None
+        self.handed = None
         if self.zero_stage == 3:
             share_master_weights(self.optimizer)
             release_after_each_call(model)
-            if model.config.total_ut_steps > 1:
-                self.per_call = reduce_after_each_call(self.optimizer, model.model.layers)
+            self.handed = hand_gradients_to_zero3(self.optimizer, model)
         if is_main() and config.deepspeed.config_file is None and self.zero_stage > 0:
             sizes = ds_config["zero_optimization"]
             print("deepspeed: ZeRO's buffers sized from the model (no DeepSpeed JSON given): " + ", ".join(
@@ -149,8 +148,8 @@ class DeepSpeedEngine(Engine):
     def train_batch(self, micro_batches: list[dict]) -> StepMetrics:
         skipped_before = self.skipped_steps
         readouts, zero0_norm = [], None
-        if self.per_call is not None:
-            self.per_call.new_step()
+        if self.handed is not None:
+            self.handed.new_step()
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
             # The boundary is ours to say: the number of micro-batches changes with the batch.

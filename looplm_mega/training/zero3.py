@@ -1,7 +1,9 @@
 """What ZeRO-3 needs to hold what it promises for a looped model: every layer of the shared stack
 is called once per loop, and DeepSpeed 0.19 counts, releases and reduces per module as if each
-were called once. The DeepSpeed engine applies these after deepspeed.initialize; each is measured
-in the README ("Memory per rank") and held by tests/training/test_deepspeed_engine.py."""
+were called once; and it gathers a module's weights again for its backward even where the
+backward reads none of them (the embedding, the fused head). The DeepSpeed engine applies these
+after deepspeed.initialize; each is measured in the README ("Memory per rank") and held by
+tests/training/test_zero3.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero.utils import apply_to_tensors_only
 from torch import nn
+
+from looplm_mega.model.looplm import VocabularyMatrix
 
 
 def share_master_weights(optimizer) -> None:
@@ -83,20 +87,53 @@ class _LinearReducedPerCall(torch.autograd.Function):
         return grad_x, None, None
 
 
-class _PerCallReduction:
-    """The stack's weight gradients reduce-scattered call by call (see reduce_after_each_call)."""
+class _GradientHandedOff(torch.autograd.Function):
+    """The weight itself, whose gradient goes to `hand_off` instead of to autograd's accumulator.
+    Nothing is saved: the backward needs no weight, only the parameter object to name."""
 
-    def __init__(self, optimizer, linears: list[nn.Linear]):
+    @staticmethod
+    def forward(ctx, weight, hand_off):
+        ctx.weight, ctx.hand_off = weight, hand_off
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hand_off(ctx.weight, grad)
+        return None, None
+
+
+class _NotGatheredForBackward:
+    """Stands in for the functions DeepSpeed applies to a module's outputs and inputs to gather the
+    module's weights before its backward and release them after, for a module whose backward
+    reads none of them."""
+
+    @staticmethod
+    def apply(output):
+        return output
+
+
+class HandedGradients:
+    """Weight gradients ZeRO-3 gets from us as the backward forms them, rather than from its hook
+    after autograd's accumulation (see hand_gradients_to_zero3)."""
+
+    def __init__(self, optimizer):
         self.optimizer = optimizer
-        self.handed = {id(linear.weight) for linear in linears}
+        self.handed: set[int] = set()
         self.reduced: set[int] = set()  # parameters reduced in the micro-batch that starts a step
         self._reduce = optimizer.reduce_independent_p_g_buckets_and_remove_grads
         self._partition = optimizer.partition_grads
         self._flush = optimizer._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads
         optimizer.reduce_independent_p_g_buckets_and_remove_grads = self._reduce_unless_handed
         optimizer.partition_grads = self._partition_adding_repeats
-        for linear in linears:
-            linear.forward = lambda x, linear=linear: _LinearReducedPerCall.apply(x, linear.weight, self.hand_off)
+
+    def per_call(self, linear: nn.Linear) -> None:
+        self.handed.add(id(linear.weight))
+        linear.forward = lambda x: _LinearReducedPerCall.apply(x, linear.weight, self.hand_off)
+
+    def not_gathered_for_backward(self, module: VocabularyMatrix) -> None:
+        self.handed.add(id(module.weight))
+        module.weight_hook = lambda weight: _GradientHandedOff.apply(weight, self.hand_off)
+        module.pre_bwd_fn = module.post_bwd_fn = _NotGatheredForBackward
 
     def new_step(self) -> None:
         self.reduced.clear()
@@ -105,11 +142,16 @@ class _PerCallReduction:
         comm_dtype = self.optimizer.get_param_comm_dtype(param)
         if any(p is param for p in self.optimizer.ipg_buckets[comm_dtype].params):
             self._flush(comm_dtype)  # the bucket reads this parameter's previous gradient from it
-        param.grad = grad
+        if param.shape == grad.shape:
+            param.grad = grad
+        else:  # a partitioned weight: the .grad setter compares shapes with .data, so lend it one
+            partition, param.data = param.data, param.data.new_empty(()).expand(grad.shape)
+            param.grad = grad
+            param.data = partition
         self._reduce(param)
 
     def _reduce_unless_handed(self, param: nn.Parameter) -> None:
-        # DeepSpeed's hook after autograd's accumulation: every call of a handed parameter has been
+        # DeepSpeed's hook after autograd's accumulation: every use of a handed parameter has been
         # reduced already, and autograd got no gradient for it.
         if id(param) not in self.handed:
             self._reduce(param)
@@ -133,15 +175,28 @@ class _PerCallReduction:
         return buffers
 
 
-def reduce_after_each_call(optimizer, stack: nn.Module) -> _PerCallReduction:
-    """Autograd sums the gradients of a weight used T times before it hands the sum to the
-    weight's accumulator, once, after the weight's last use in the backward: ZeRO-3's hook, and
-    its reduce-scatter, come only then. For the shared stack the last use is the first loop, the
-    last one the backward reaches, so every rank holds the whole stack's full gradient from the
-    backward's first loop to its last (4 bytes a parameter of the stack; measured in the README).
-    Here each call of a stack's linear layer hands its weight gradient to ZeRO-3 as its backward
-    forms it, so at most one layer's gradient is whole at a time, as in a model without loops.
-    The linear layers hold nearly all of the stack's parameters; its norms' few stay with autograd.
+def hand_gradients_to_zero3(optimizer, model: nn.Module) -> HandedGradients:
+    """Two gradients ZeRO-3 cannot take from autograd's accumulator without holding far more than
+    it promises:
+    - The looped stack's. Autograd sums the gradients of a weight used T times before it hands
+      the sum, once, to the weight's accumulator, where ZeRO-3's hook reduce-scatters it: after
+      the weight's last use in the backward, which for the shared stack is the first loop, the
+      last one the backward reaches. Every rank held the whole stack's full gradient from the
+      backward's first loop to its last (4 bytes a parameter of the stack; measured in the
+      README). Each call of a stack's linear layer hands its weight gradient to ZeRO-3 as its
+      backward forms it, so at most one layer's gradient is whole at a time, as in a model
+      without loops. The linear layers hold nearly all of the stack's parameters; its norms'
+      few stay with autograd.
+    - The embedding's and the fused head's. Their backward reads none of the weight, but
+      autograd accumulates into the weight's full-shaped tensor, so ZeRO-3 gathers the whole
+      [vocabulary, hidden] matrix again for the backward. Their gradients are handed over and
+      the weights stay partitioned.
     The engine calls new_step() before each step's first micro-batch."""
-    linears = [m for m in stack.modules() if type(m) is nn.Linear and m.bias is None]
-    return _PerCallReduction(optimizer, linears)
+    handed = HandedGradients(optimizer)
+    for layer in model.model.layers.modules():
+        if type(layer) is nn.Linear and layer.bias is None:
+            handed.per_call(layer)
+    for module in model.modules():
+        if isinstance(module, VocabularyMatrix) and not module.backward_reads_weight:
+            handed.not_gathered_for_backward(module)
+    return handed

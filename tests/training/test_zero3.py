@@ -1,5 +1,6 @@
 """ZeRO-3 for a looped model (training/zero3.py): one copy of the weights, each call's weights
-released and each call's weight gradient reduced, and the per-call linear's arithmetic."""
+released and each call's weight gradient reduced, the vocabulary matrices not gathered for their
+backward, and the per-call linear's arithmetic."""
 
 from collections import Counter
 
@@ -60,10 +61,15 @@ def _zero3_one_weight_copy_and_release_after_every_loop(tmp: str) -> None:
 
     for layer in layers:
         layer.register_full_backward_hook(count)
-    reduced = Counter()  # each stack weight's gradient reductions, counted as the backward hands them over
-    reduce = engine.per_call._reduce
-    engine.per_call._reduce = lambda param: (reduced.update([id(param)]), reduce(param))
+    reduced = Counter()  # each handed weight's gradient reductions, counted as the backward hands them over
+    reduce = engine.handed._reduce
+    engine.handed._reduce = lambda param: (reduced.update([id(param)]), reduce(param))
     linears = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    vocabulary = [model.model.embed_tokens.weight, model.lm_head.weight]
+    status_when_handed = []  # the vocabulary matrices' ZeRO-3 status as their gradients are handed over
+    hand_off = engine.handed.hand_off
+    engine.handed.hand_off = lambda param, grad: (
+        status_when_handed.append(param.ds_status) if any(param is w for w in vocabulary) else None, hand_off(param, grad))
     engine.configure(2, 2, 16, "stage1")
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
     batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
@@ -78,6 +84,11 @@ def _zero3_one_weight_copy_and_release_after_every_loop(tmp: str) -> None:
         assert max(gathered_at_each_backward) <= per_layer, gathered_at_each_backward
         # Each call's weight gradient was reduced on its own (not summed over the loops first).
         assert [reduced[id(w)] for w in linears] == [2 * run.model_config().total_ut_steps] * len(linears)
+        # The embedding's and the head's gradients are handed over once a micro-batch, their weights
+        # left partitioned: their backward reads none of them, and ZeRO-3 no longer gathers them for it.
+        assert [reduced[id(w)] for w in vocabulary] == [2, 2]
+        assert status_when_handed == [ZeroParamStatus.NOT_AVAILABLE] * 4, status_when_handed
+        status_when_handed.clear()
     dist.destroy_process_group()
 
 
