@@ -196,7 +196,10 @@ def hand_gradients_to_zero3(optimizer, model: nn.Module) -> HandedGradients:
     for layer in model.model.layers.modules():
         if type(layer) is nn.Linear and layer.bias is None:
             handed.per_call(layer)
-    for module in model.modules():
-        if isinstance(module, VocabularyMatrix) and not module.backward_reads_weight:
+    matrices = [m for m in model.modules() if isinstance(m, VocabularyMatrix)]
+    # A tied weight is handed over only if no module that uses it reads it in its backward.
+    read_in_backward = {id(m.weight) for m in matrices if m.backward_reads_weight}
+    for module in matrices:
+        if id(module.weight) not in read_in_backward:
             handed.not_gathered_for_backward(module)
     return handed

@@ -3,6 +3,7 @@ released and each call's weight gradient reduced, the vocabulary matrices not ga
 backward, and the per-call linear's arithmetic."""
 
 from collections import Counter
+from types import SimpleNamespace
 
 import deepspeed
 import pytest
@@ -11,11 +12,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+from looplm_mega.model import LoopLM, LoopLMConfig
 from looplm_mega.parallel.build import build_model
 from looplm_mega.parallel.state import initialize_parallel
 from looplm_mega.training.deepspeed_engine import DeepSpeedEngine
 from looplm_mega.training.optimizer import parameter_groups
-from looplm_mega.training.zero3 import _LinearReducedPerCall
+from looplm_mega.training.zero3 import _LinearReducedPerCall, hand_gradients_to_zero3
 from tests.distributed import run_distributed
 from tests.training.runs import run_config
 
@@ -94,3 +96,18 @@ def _zero3_one_weight_copy_and_release_after_every_loop(tmp: str) -> None:
 
 def test_zero3_keeps_one_weight_copy_and_releases_and_reduces_after_each_call(tmp_path):
     run_distributed(_zero3_one_weight_copy_and_release_after_every_loop, 2, str(tmp_path), timeout=300)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_tied_vocabulary_weight_is_handed_over_only_if_no_backward_reads_it(fused):
+    """The plain head's backward reads its weight (ZeRO-3 must gather it, and autograd accumulate
+    its gradient), so an embedding tied to it keeps autograd's path too; the fused head and the
+    embedding read none of it, and a tied weight is then handed over by both."""
+    config = LoopLMConfig.from_preset("tiny").replace(tie_word_embeddings=True, fused_cross_entropy=fused)
+    model = LoopLM(config)
+    optimizer = SimpleNamespace(reduce_independent_p_g_buckets_and_remove_grads=None, partition_grads=None,
+                                _DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads=None)
+    handed = hand_gradients_to_zero3(optimizer, model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (id(model.lm_head.weight) in handed.handed) == fused
+    assert [m.weight_hook is not None for m in (model.model.embed_tokens, model.lm_head)] == [fused, fused]
