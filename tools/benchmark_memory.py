@@ -7,9 +7,10 @@ the training steps, and after the final checkpoint. The runtime is what any run 
 model: torch, DeepSpeed, the process groups, and the code and kernels a run loads on first use
 (DeepSpeed's first initialize alone imports some 600 modules, about 45 MiB). Each rank therefore
 first runs the same configuration with a negligible model (hidden size 8, one layer: one step and a
-checkpoint), and the runtime is its peak after that run. "Must hold" is what the optimizer states need at the stage, per rank: ZeRO-3
-splits the fp32 weights, gradients and Adam's two moments (16 bytes a parameter) over the ranks;
-ZeRO-1/2 keep the weights and gradients whole (8) and split the moments (8); ZeRO-0 keeps all 16.
+checkpoint), and the runtime is its peak after that run. "Must hold" is what the optimizer states
+need at the stage, per rank: ZeRO-3 splits the fp32 weights, gradients and Adam's two moments
+(16 bytes a parameter) over the ranks; ZeRO-1/2 keep the weights and gradients whole (8) and split
+the moments (8); ZeRO-0 keeps all 16.
 
     python tools/benchmark_memory.py --preset medium --model num_hidden_layers=12 --zero-stage 3 --processes 2
     python tools/benchmark_memory.py --preset small --processes 2 4 --output memory.json
