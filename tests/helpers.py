@@ -58,3 +58,23 @@ def small_filesystem(point: Path, size: str):
         yield point
     finally:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+class Slices:
+    """A weight read slice by slice (model/vocabulary.VocabularySlices), its gradient collected per
+    slice as ZeRO-3's would be."""
+
+    def __init__(self, weight, count):
+        self.weight, self.count, self.rows = weight, count, weight.shape[0] // count
+        self.gathered, self.grads = [], {}
+
+    def gather(self, index):
+        self.gathered.append(index)
+        return self.weight[index * self.rows:(index + 1) * self.rows].detach()
+
+    def hand_off(self, index, grad):
+        assert grad.dtype == torch.float32 and index not in self.grads
+        self.grads[index] = grad
+
+    def grad(self):
+        return torch.cat([self.grads[i] for i in range(self.count)])

@@ -12,6 +12,9 @@ That is possible because the objective is linear in the per-token cross-entropie
 so d loss / d logits_i = w_i * (softmax_i - onehot(y_i)) is known in the forward pass, given w.
 The caller passes w (for Stage I, the exit probabilities over the number of valid tokens); its
 gradient d loss / d w_i = CE_i flows back to the exit gate through autograd as usual.
+
+Where no rank may hold the head weight whole (ZeRO-3), sliced_linear_cross_entropy reads it one
+slice of rows at a time (model/vocabulary.VocabularySlices).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from looplm_mega.model.vocabulary import VocabularySlices
 from looplm_mega.parallel import comm
 
 IGNORE_INDEX = -100
@@ -145,3 +149,107 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         grad_tw = ce * grad_loss if ctx.needs_input_grad[3] else None
         return grad_h, grad_w, None, grad_tw, None, None, None, None, None, None
+
+
+def sliced_linear_cross_entropy(
+    hidden: torch.Tensor,
+    slices: VocabularySlices,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    chunk_tokens: int = 1024,
+    vocab_size: Optional[int] = None,
+    group: Optional[dist.ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_cross_entropy with the weight given as slices, so that at most one slice of it and of
+    its gradient is ever held. The forward walks the slices for the softmax statistics (a running
+    maximum and sum of exponentials per token); the backward walks them again, recomputing each
+    slice's logits, and hands each slice's gradient over as it is formed. A slice's gradient must
+    be final when it is handed over, and only the backward knows the loss's scale (the fused path
+    forms its gradients in the forward and scales them whole in the backward); the price is a
+    second pass over the weight and one more [tokens, vocabulary] product. Equal to the fused path
+    (tests/model/test_cross_entropy.py)."""
+    rank = dist.get_rank(group) if group is not None else 0
+    local_vocab = slices.count * slices.rows
+    vocab_start = rank * local_vocab
+    valid_columns = local_vocab if vocab_size is None else max(0, min(local_vocab, vocab_size - vocab_start))
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _SlicedLinearCrossEntropy.apply(hidden, token_weights, labels, slices, chunk_tokens, compute_dtype,
+                                               vocab_start, valid_columns, group)
+
+
+def _slice_logits(h, w, first_column, valid_columns):
+    """fp32 logits of a token chunk against one slice, columns beyond the vocabulary at -inf."""
+    logits = torch.mm(h, w.T).float()
+    padding = valid_columns - first_column
+    if padding < w.shape[0]:
+        logits[:, max(0, padding):] = float("-inf")
+    return logits
+
+
+class _SlicedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, token_weights, labels, slices, chunk_tokens, compute_dtype, vocab_start, valid_columns,
+                group):
+        num_tokens, device = hidden.shape[0], hidden.device
+        chunk_tokens = min(chunk_tokens, num_tokens)
+        running_max = torch.full((num_tokens,), float("-inf"), device=device)
+        sum_exp = torch.zeros(num_tokens, device=device)
+        label_logit = torch.zeros(num_tokens, device=device)
+        for index in range(slices.count):
+            first = index * slices.rows
+            w = slices.gather(index).to(compute_dtype)  # every rank takes part, also for a slice of padding
+            for start in range(0, num_tokens if first < valid_columns else 0, chunk_tokens):
+                end = min(start + chunk_tokens, num_tokens)
+                logits = _slice_logits(hidden[start:end].to(compute_dtype), w, first, valid_columns)
+                y = labels[start:end] - vocab_start - first
+                here = (y >= 0) & (y < slices.rows)
+                label_logit[start:end] += torch.where(here, logits.gather(1, torch.where(here, y, 0)[:, None])[:, 0], 0.0)
+                new_max = torch.maximum(running_max[start:end], logits.max(dim=-1).values)
+                sum_exp[start:end] = (sum_exp[start:end] * (running_max[start:end] - new_max).exp()
+                                      + logits.sub_(new_max[:, None]).exp_().sum(dim=-1))
+                running_max[start:end] = new_max
+            del w  # before the next slice is gathered
+        if group is not None:  # vocabulary parallel: combine the ranks' statistics
+            global_max = _all_reduce(running_max.clone(), group, dist.ReduceOp.MAX)  # in place: a copy
+            sum_exp, label_logit = _all_reduce(torch.stack((sum_exp * (running_max - global_max).exp(), label_logit)), group)
+            running_max = global_max
+        log_sum_exp = running_max + sum_exp.log()
+        valid = labels != IGNORE_INDEX
+        ce = torch.where(valid, log_sum_exp - label_logit, 0.0)
+        ctx.save_for_backward(hidden, token_weights, labels, log_sum_exp, ce)
+        ctx.slices, ctx.chunk_tokens, ctx.compute_dtype = slices, chunk_tokens, compute_dtype
+        ctx.vocab_start, ctx.valid_columns = vocab_start, valid_columns
+        ctx.mark_non_differentiable(ce)
+        return (ce * token_weights.float()).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        hidden, token_weights, labels, log_sum_exp, ce = ctx.saved_tensors
+        slices, chunk_tokens, compute_dtype = ctx.slices, ctx.chunk_tokens, ctx.compute_dtype
+        num_tokens = hidden.shape[0]
+        # d loss / d logits_i = grad_loss * w_i * (softmax_i - onehot_i), formed one slice at a time.
+        scale = (token_weights.float() * (labels != IGNORE_INDEX)) * grad_loss
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # summed over slices
+        for index in range(slices.count):
+            first = index * slices.rows
+            w = slices.gather(index).to(compute_dtype)
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for start in range(0, num_tokens if first < ctx.valid_columns else 0, chunk_tokens):
+                end = min(start + chunk_tokens, num_tokens)
+                h = hidden[start:end].to(compute_dtype)
+                grad_logits = _slice_logits(h, w, first, ctx.valid_columns).sub_(log_sum_exp[start:end, None]).exp_()
+                y = labels[start:end] - ctx.vocab_start - first
+                here = torch.nonzero((y >= 0) & (y < slices.rows))[:, 0]
+                grad_logits[here, y[here]] -= 1.0
+                g = grad_logits.mul_(scale[start:end, None]).to(compute_dtype)
+                grad_hidden[start:end] += torch.mm(g, w)
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(g.T, h)
+                else:  # the low-precision product first, accumulated in fp32
+                    grad_weight += torch.mm(g.T, h)
+            slices.hand_off(index, grad_weight)
+            del w, grad_weight  # before the next slice's are made: one slice at a time
+        grad_tw = ce * grad_loss if ctx.needs_input_grad[1] else None
+        return grad_hidden.to(hidden.dtype), grad_tw, None, None, None, None, None, None, None

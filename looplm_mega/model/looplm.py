@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 from looplm_mega.model.attention import AttentionMask, positions_from_segments
 from looplm_mega.model.config import LoopLMConfig
-from looplm_mega.model.cross_entropy import linear_cross_entropy
+from looplm_mega.model.cross_entropy import linear_cross_entropy, sliced_linear_cross_entropy
 from looplm_mega.model.exit import exit_log_probs
 from looplm_mega.model.layers import SINGLE, DecoderLayer, RMSNorm, RotaryEmbedding, mark_tensor_parallel
 from looplm_mega.model.losses import LoopTerms, Objective, objective_terms
+from looplm_mega.model.vocabulary import VocabularyMatrix, sliced_embedding
 from looplm_mega.parallel.tensor_parallel import TensorParallel, padded_vocab_size, partition_dim, shard, shard_shape
 
 
@@ -52,24 +53,6 @@ class LoopLMOutput:
         return None if self.terms is None else self.terms.ce_per_loop
 
 
-class VocabularyMatrix:
-    """The embedding and the head: [vocabulary, hidden] matrices, the largest tensors of a model,
-    whose forward reads the weight through forward_weight(). A trainer may set `weight_hook`, a
-    function the weight passes through on its way into the forward: ZeRO-3 hands the weight's
-    gradient over there, and, where the backward reads none of the weight, does not gather it
-    again for the backward (training/zero3.py)."""
-
-    weight: nn.Parameter
-    weight_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-
-    @property
-    def backward_reads_weight(self) -> bool:
-        return False  # the embedding's gradient is scattered by the ids alone
-
-    def forward_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_hook is None else self.weight_hook(self.weight)
-
-
 class VocabParallelEmbedding(VocabularyMatrix, nn.Embedding):
     """The token embedding; under TP each rank holds a contiguous slice of the (padded) vocabulary,
     looks up the ids in its range and the partial results are summed across the group."""
@@ -81,11 +64,14 @@ class VocabParallelEmbedding(VocabularyMatrix, nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.tp.enabled:
-            return F.embedding(input_ids, self.forward_weight())
+            return self._lookup(input_ids)
         local = input_ids - self.tp.rank * self.num_embeddings
         outside = (local < 0) | (local >= self.num_embeddings)
-        out = F.embedding(local.masked_fill(outside, 0), self.forward_weight()).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self._lookup(local.masked_fill(outside, 0)).masked_fill(outside.unsqueeze(-1), 0.0)
         return self.tp.exit(out)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.forward_weight()) if self.slices is None else sliced_embedding(ids, self.slices)
 
 
 class ExitGate(nn.Linear):
@@ -119,7 +105,9 @@ class LMHead(VocabularyMatrix, nn.Linear):
     ZeRO-3 gathers the head weight for it. The fused loss forms every gradient in the forward, so
     its backward reads none of the weight; the plain one's does.
     Vocab-parallel under TP: the hidden states given with labels are already whole sequences,
-    entered into the TP region by the caller (LoopLM.forward)."""
+    entered into the TP region by the caller (LoopLM.forward).
+    With `slices` set the loss reads the weight one slice at a time
+    (cross_entropy.sliced_linear_cross_entropy)."""
 
     def __init__(self, config: LoopLMConfig, tp: TensorParallel):
         rows = padded_vocab_size(config.vocab_size, tp.size, config.make_vocab_size_divisible_by)
@@ -136,9 +124,12 @@ class LMHead(VocabularyMatrix, nn.Linear):
 
     def forward(self, hidden, labels=None, token_weights=None):
         if labels is None:
-            logits = F.linear(self.tp.enter(hidden, hidden.ndim - 2), self.forward_weight())
+            logits = F.linear(self.tp.enter(hidden, hidden.ndim - 2), self.whole_weight())
             return self.tp.gather_vocab(logits)[..., : self.vocab_size]
         group = self.tp.group if self.tp.enabled else None
+        if self.slices is not None:
+            return sliced_linear_cross_entropy(hidden, self.slices, labels, token_weights, self.chunk_tokens,
+                                               vocab_size=self.vocab_size, group=group)
         return linear_cross_entropy(hidden, self.forward_weight(), labels, token_weights, self.chunk_tokens, self.fused,
                                     vocab_size=self.vocab_size, group=group)
 

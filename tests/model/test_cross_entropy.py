@@ -1,7 +1,10 @@
 import pytest
 import torch
+import torch.distributed as dist
 
-from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from looplm_mega.model.cross_entropy import IGNORE_INDEX, linear_cross_entropy, sliced_linear_cross_entropy
+from tests.distributed import run_distributed
+from tests.helpers import Slices
 
 
 def _inputs(dtype=torch.float32, seed=0):
@@ -56,3 +59,76 @@ def test_without_grad_nothing_is_kept():
     with torch.no_grad():
         loss, ce = linear_cross_entropy(hidden, weight, labels, token_weights, chunk_tokens=4)
     assert loss.grad_fn is None and torch.isfinite(ce).all()
+
+
+@pytest.mark.parametrize("count, chunk, vocab", [(1, 64, 53), (4, 5, 53), (8, 37, 41), (8, 1, 53)])
+def test_sliced_equals_fused_loss_and_every_gradient(count, chunk, vocab):
+    """Rows padded to a multiple of the slices; with vocab 41 of 56 rows the last slice is all padding."""
+    def run(sliced):
+        hidden, weight, labels, token_weights = _inputs()
+        labels = torch.where(labels >= vocab, labels % vocab, labels)
+        weight = torch.cat((weight.detach(), torch.randn(56 - 53, 16))).requires_grad_()
+        if sliced:
+            slices = Slices(weight, count)
+            loss, ce = sliced_linear_cross_entropy(hidden, slices, labels, token_weights, chunk, vocab_size=vocab)
+            assert slices.gathered == list(range(count)) and not slices.grads  # the forward hands nothing over
+            (loss * 1.7).backward()
+            assert slices.gathered == 2 * list(range(count))
+            weight_grad = slices.grad()
+        else:
+            loss, ce = linear_cross_entropy(hidden, weight, labels, token_weights, chunk_tokens=chunk, vocab_size=vocab)
+            (loss * 1.7).backward()
+            weight_grad = weight.grad
+        return loss, ce, hidden.grad, weight_grad, token_weights.grad
+
+    fused, sliced = run(False), run(True)
+    for a, b in zip(sliced, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.all(sliced[3][vocab:] == 0)
+
+
+def test_sliced_bf16_autocast_is_close_to_fp32():
+    def run():
+        hidden, weight, labels, token_weights = _inputs()
+        slices = Slices(torch.cat((weight.detach(), torch.zeros(3, 16))), 4)
+        loss, _ = sliced_linear_cross_entropy(hidden, slices, labels, token_weights, 8, vocab_size=53)
+        loss.backward()
+        return loss, hidden.grad, slices.grad()
+
+    reference = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run()
+    torch.testing.assert_close(mixed[0], reference[0], rtol=2e-2, atol=2e-2)
+    assert mixed[1].dtype == torch.float32
+    torch.testing.assert_close(mixed[2], reference[2], rtol=5e-2, atol=5e-3)
+
+
+def _sliced_equals_fused_vocabulary_parallel() -> None:
+    """Two ranks, each with half of a padded vocabulary (53 of 2 x 32 rows), as under TP: the
+    sliced path's statistics combine across the ranks as the fused path's do."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def run(sliced):
+        hidden, weight, labels, token_weights = _inputs()
+        full = torch.cat((weight.detach(), torch.randn(64 - 53, 16, generator=torch.Generator().manual_seed(5))))
+        local = full[rank * 32:(rank + 1) * 32].clone().requires_grad_()
+        if sliced:
+            slices = Slices(local, 4)
+            loss, ce = sliced_linear_cross_entropy(hidden, slices, labels, token_weights, 7, vocab_size=53,
+                                                   group=dist.group.WORLD)
+            (loss * 1.7).backward()
+            return loss, ce, hidden.grad, slices.grad(), token_weights.grad
+        loss, ce = linear_cross_entropy(hidden, local, labels, token_weights, chunk_tokens=7, vocab_size=53,
+                                        group=dist.group.WORLD)
+        (loss * 1.7).backward()
+        return loss, ce, hidden.grad, local.grad, token_weights.grad
+
+    fused, sliced = run(False), run(True)
+    for a, b in zip(sliced, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    dist.destroy_process_group()
+
+
+def test_sliced_equals_fused_under_vocabulary_parallelism():
+    run_distributed(_sliced_equals_fused_vocabulary_parallel, 2, timeout=120)
