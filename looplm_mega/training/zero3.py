@@ -1,18 +1,22 @@
 """What ZeRO-3 needs to hold what it promises for a looped model: every layer of the shared stack
 is called once per loop, and DeepSpeed 0.19 counts, releases and reduces per module as if each
-were called once; and it gathers a module's weights again for its backward even where the
-backward reads none of them (the embedding, the fused head). The DeepSpeed engine applies these
-after deepspeed.initialize; each is measured in the README ("Memory per rank") and held by
-tests/training/test_zero3.py."""
+were called once; it gathers a module's weights again for its backward even where the backward
+reads none of them (the embedding, the fused head); and it gathers a module's weights whole, for
+the embedding and the head a [vocabulary, hidden] matrix, held with its gradient. The DeepSpeed engine
+applies these after deepspeed.initialize; each is measured in the README ("Memory per rank") and
+held by tests/training/test_zero3.py."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.runtime.zero.utils import apply_to_tensors_only
 from torch import nn
 
-from looplm_mega.model.looplm import VocabularyMatrix
+from looplm_mega.model.vocabulary import VocabularyMatrix
 
 
 def share_master_weights(optimizer) -> None:
@@ -135,6 +139,20 @@ class HandedGradients:
         module.weight_hook = lambda weight: _GradientHandedOff.apply(weight, self.hand_off)
         module.pre_bwd_fn = module.post_bwd_fn = _NotGatheredForBackward
 
+    def in_slices(self, module: VocabularyMatrix, slices: "PartitionSlices") -> None:
+        self.handed.add(id(module.weight))
+        module.slices = slices
+        # DeepSpeed's hooks would gather the whole weight around the module's forward and backward.
+        offload = self.optimizer.parameter_offload
+        own = (module._forward_pre_hooks, module._forward_hooks)
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            if any(hook.hooks_dict_ref() is hooks for hooks in own):
+                hook.remove()
+
+    def partition(self, param: nn.Parameter, grad_partition: torch.Tensor) -> None:
+        """This rank's partition of a parameter's reduced gradient, formed without DeepSpeed."""
+        self._partition_adding_repeats([param], [grad_partition])
+
     def new_step(self) -> None:
         self.reduced.clear()
 
@@ -175,9 +193,56 @@ class HandedGradients:
         return buffers
 
 
+class PartitionSlices:
+    """A vocabulary matrix as ZeRO-3 partitions it, read one partition at a time (the model's
+    VocabularySlices): the rows divide evenly over the data-parallel ranks, so rank i's partition
+    is whole rows, slice i. Its owner broadcasts a slice; a slice's gradient is reduced to its
+    owner, averaged as DeepSpeed's reduce-scatter averages (divided by the ranks first, in the
+    parameter's communication dtype), and handed to ZeRO-3 as the owner's gradient partition. The
+    embedding and the head then hold one slice of their weight and one of its gradient at a time
+    where they held both whole."""
+
+    def __init__(self, param: nn.Parameter, handed: HandedGradients):
+        self.param, self.handed = param, handed
+        self.group = param.ds_process_group
+        self.count, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        rows, hidden = param.ds_shape
+        self.rows, self.shape = rows // self.count, (rows // self.count, hidden)
+        self.owners = [dist.get_global_rank(self.group, index) for index in range(self.count)]
+
+    @staticmethod
+    def possible(module: VocabularyMatrix, users: int, optimizer) -> bool:
+        """Where the slices are exact and DeepSpeed's gradient path is the plain one. `users`: the
+        modules that share the weight (a tied weight keeps the whole-matrix path); the plain,
+        unfused head reads its weight whole in its backward and keeps it too."""
+        weight = module.weight
+        if users > 1 or module.backward_reads_weight or weight.ds_persist:
+            return False
+        group_size = dist.get_world_size(weight.ds_process_group)
+        return (group_size > 1 and weight.ds_shape[0] % group_size == 0
+                and weight.ds_tensor.numel() == weight.ds_numel // group_size
+                and not optimizer.offload_param and optimizer.all2all_process_group is None
+                and optimizer.gradient_predivide_factor == 1.0)
+
+    def gather(self, index: int) -> torch.Tensor:
+        if index == self.rank:
+            mine = self.param.ds_tensor.view(self.shape)
+            dist.broadcast(mine, self.owners[index], group=self.group)
+            return mine
+        received = self.param.ds_tensor.new_empty(self.shape)
+        dist.broadcast(received, self.owners[index], group=self.group)
+        return received
+
+    def hand_off(self, index: int, grad: torch.Tensor) -> None:
+        grad = grad.to(self.handed.optimizer.get_param_comm_dtype(self.param)).div_(self.count)
+        dist.reduce(grad, self.owners[index], group=self.group)
+        if index == self.rank:
+            self.handed.partition(self.param, grad.view(-1).to(self.handed.optimizer.gradient_accumulation_dtype))
+
+
 def hand_gradients_to_zero3(optimizer, model: nn.Module) -> HandedGradients:
-    """Two gradients ZeRO-3 cannot take from autograd's accumulator without holding far more than
-    it promises:
+    """What ZeRO-3 cannot leave to autograd's accumulator and its own hooks without holding far
+    more than it promises:
     - The looped stack's. Autograd sums the gradients of a weight used T times before it hands
       the sum, once, to the weight's accumulator, where ZeRO-3's hook reduce-scatters it: after
       the weight's last use in the backward, which for the shared stack is the first loop, the
@@ -191,12 +256,22 @@ def hand_gradients_to_zero3(optimizer, model: nn.Module) -> HandedGradients:
       autograd accumulates into the weight's full-shaped tensor, so ZeRO-3 gathers the whole
       [vocabulary, hidden] matrix again for the backward. Their gradients are handed over and
       the weights stay partitioned.
+    - Both vocabulary matrices whole: gathered for the forward, the head's weight and the fused
+      loss's fp32 gradient of it were held at once, and the embedding's dense gradient, a floor
+      that does not shrink with the ranks (the head's alone 0.64x of what ZeRO-3 must hold at
+      DP 4 for the `small` preset, whose vocabulary matrices are 32% of its parameters each).
+      Where PartitionSlices.possible, they are read one partition at a time instead.
     The engine calls new_step() before each step's first micro-batch."""
     handed = HandedGradients(optimizer)
     for layer in model.model.layers.modules():
         if type(layer) is nn.Linear and layer.bias is None:
             handed.per_call(layer)
     matrices = [m for m in model.modules() if isinstance(m, VocabularyMatrix)]
+    users = Counter(id(m.weight) for m in matrices)
+    for module in matrices:
+        if PartitionSlices.possible(module, users[id(module.weight)], optimizer):
+            handed.in_slices(module, PartitionSlices(module.weight, handed))
+    matrices = [m for m in matrices if m.slices is None]
     # A tied weight is handed over only if no module that uses it reads it in its backward.
     read_in_backward = {id(m.weight) for m in matrices if m.backward_reads_weight}
     for module in matrices:

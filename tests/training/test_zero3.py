@@ -1,6 +1,6 @@
 """ZeRO-3 for a looped model (training/zero3.py): one copy of the weights, each call's weights
-released and each call's weight gradient reduced, the vocabulary matrices not gathered for their
-backward, and the per-call linear's arithmetic."""
+released and each call's weight gradient reduced, the vocabulary matrices read one partition at a
+time (never gathered whole), and the per-call linear's arithmetic."""
 
 from collections import Counter
 from types import SimpleNamespace
@@ -68,10 +68,15 @@ def _zero3_one_weight_copy_and_release_after_every_loop(tmp: str) -> None:
     engine.handed._reduce = lambda param: (reduced.update([id(param)]), reduce(param))
     linears = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     vocabulary = [model.model.embed_tokens.weight, model.lm_head.weight]
-    status_when_handed = []  # the vocabulary matrices' ZeRO-3 status as their gradients are handed over
-    hand_off = engine.handed.hand_off
-    engine.handed.hand_off = lambda param, grad: (
-        status_when_handed.append(param.ds_status) if any(param is w for w in vocabulary) else None, hand_off(param, grad))
+    # The vocabulary matrices are read one data-parallel partition at a time, never gathered whole.
+    partitioned, status_at_gathers = Counter(), []
+    partition = engine.handed.partition
+    engine.handed.partition = lambda param, grad: (partitioned.update([id(param)]), partition(param, grad))
+    for module, weight in zip((model.model.embed_tokens, model.lm_head), vocabulary):
+        slices = module.slices
+        assert slices is not None and slices.count == 2 and slices.rows == weight.ds_shape[0] // 2
+        slices.gather = lambda index, gather=slices.gather: (
+            status_at_gathers.append(tuple(w.ds_status for w in vocabulary)), gather(index))[1]
     engine.configure(2, 2, 16, "stage1")
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
     batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
@@ -86,11 +91,15 @@ def _zero3_one_weight_copy_and_release_after_every_loop(tmp: str) -> None:
         assert max(gathered_at_each_backward) <= per_layer, gathered_at_each_backward
         # Each call's weight gradient was reduced on its own (not summed over the loops first).
         assert [reduced[id(w)] for w in linears] == [2 * run.model_config().total_ut_steps] * len(linears)
-        # The embedding's and the head's gradients are handed over once a micro-batch, their weights
-        # left partitioned: their backward reads none of them, and ZeRO-3 no longer gathers them for it.
-        assert [reduced[id(w)] for w in vocabulary] == [2, 2]
-        assert status_when_handed == [ZeroParamStatus.NOT_AVAILABLE] * 4, status_when_handed
-        status_when_handed.clear()
+        # The embedding's and the head's gradients go straight to this rank's partitions, once a
+        # micro-batch (never through DeepSpeed's buckets), and ZeRO-3 never gathers either weight:
+        # per micro-batch the embedding reads its two slices once, the head twice (its two passes).
+        assert [reduced[id(w)] for w in vocabulary] == [0, 0]
+        assert [partitioned[id(w)] for w in vocabulary] == [2, 2]
+        unavailable = (ZeroParamStatus.NOT_AVAILABLE,) * 2
+        assert status_at_gathers == [unavailable] * 2 * (2 + 4), status_at_gathers
+        status_at_gathers.clear()
+        partitioned.clear()
     dist.destroy_process_group()
 
 
