@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -16,9 +17,27 @@ import torch
 import torch.distributed as dist
 
 
+_PORTS = random.SystemRandom()  # not the seeded global generator, and unlike it not shared by forked processes
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on now (for a master address of our own)."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on now (for a master address of our own), drawn below the
+    ephemeral range: a port the kernel hands out (bind to port 0) is free only until the ranks
+    start, and in the seconds that takes, any outgoing connection, such as the gloo links of a
+    run next door, may be given it as its local port (seen: EADDRINUSE at the rendezvous)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default; other systems' ranges start higher
+    for _ in range(100):
+        port = _PORTS.randrange(10000, max(10001, ephemeral_low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried was taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

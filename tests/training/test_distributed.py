@@ -25,3 +25,15 @@ def test_an_existing_launcher_environment_wins_over_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     distributed._environment_from_slurm()
     assert os.environ["RANK"] == "0"
+
+
+def test_a_free_port_is_bindable_and_below_the_ephemeral_range():
+    """Ports the kernel gives outgoing connections are never offered as a master port."""
+    import socket
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {distributed.free_port() for _ in range(20)}
+    assert all(10000 <= p < low for p in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))
