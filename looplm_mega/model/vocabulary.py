@@ -42,7 +42,8 @@ class VocabularyMatrix:
         return self.weight if self.weight_hook is None else self.weight_hook(self.weight)
 
     def whole_weight(self) -> torch.Tensor:
-        """The weight for a use that reads all of it at once and gives it no gradient."""
+        """The weight for a use that reads all of it at once (logits). Held in slices, it is put
+        together from them and gets no gradient that way, so only under no_grad."""
         if self.slices is None:
             return self.forward_weight()
         if torch.is_grad_enabled():
