@@ -225,13 +225,10 @@ class PartitionSlices:
                 and optimizer.gradient_predivide_factor == 1.0)
 
     def gather(self, index: int) -> torch.Tensor:
-        if index == self.rank:
-            mine = self.param.ds_tensor.view(self.shape)
-            dist.broadcast(mine, self.owners[index], group=self.group)
-            return mine
-        received = self.param.ds_tensor.new_empty(self.shape)
-        dist.broadcast(received, self.owners[index], group=self.group)
-        return received
+        mine = self.param.ds_tensor.view(self.shape)
+        buffer = mine if index == self.rank else mine.new_empty(self.shape)
+        dist.broadcast(buffer, self.owners[index], group=self.group)
+        return buffer
 
     def hand_off(self, index: int, grad: torch.Tensor) -> None:
         grad = grad.to(self.handed.optimizer.get_param_comm_dtype(self.param)).div_(self.count)
